@@ -1,0 +1,57 @@
+"""Every engine knob in one place, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specache.errors import ConfigError
+from specache.kv.sizing import parse_bytes
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # CPU: fp32 is both exact and (for this model size) as fast as bf16 matmuls here.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class EngineConfig:
+    dtype: str | torch.dtype = "auto"
+    device: str | None = "auto"
+    block_size: int = 16
+    kv_cache_memory: str | int = "1GiB"
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's context length, capped at 8192
+    enable_prefix_caching: bool = False
+    speculative: str | None = None
+    num_spec_tokens: int = 4
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.torch_device = resolve_device(self.device)
+        self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
+        self.kv_cache_bytes = parse_bytes(self.kv_cache_memory)
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len <= 1:
+            raise ConfigError(f"max_model_len must be > 1, got {self.max_model_len}")
+        if not 0 <= self.num_spec_tokens <= 16:
+            raise ConfigError(f"num_spec_tokens must be in [0, 16], got {self.num_spec_tokens}")

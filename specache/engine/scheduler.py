@@ -1,0 +1,192 @@
+"""Continuous batching: which sequences run this step and how many tokens each computes.
+
+Tensor-free. Each step spends one token budget (``max_num_batched_tokens``): running
+sequences first (a decode token each, or the next chunk of a chunked prefill), then waiting
+sequences in (priority, arrival) order. When blocks run out, the prefix cache gives back
+unused blocks first, then the least urgent running sequence is preempted: its blocks are
+freed and it is recomputed later. Nothing ever crashes for lack of blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from specache.engine.sequence import Sequence, Status
+from specache.kv.block_pool import BlockPool
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 8192
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, from position seq.num_computed
+    num_spec_slots: int = 0  # extra KV slots reserved for draft tokens verified this step
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens + s.num_spec_slots for s in self.scheduled)
+
+
+def _urgency(seq: Sequence) -> tuple[int, float]:
+    return (seq.priority, seq.arrival)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, prefix_cache=None) -> None:
+        self.config = config
+        self.pool = pool
+        self.prefix_cache = prefix_cache
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -------------------------------------------------------------- queue management
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark finished, hand full blocks to the prefix cache, free the sequence's blocks."""
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.cache_prefix(seq)
+        self._release(seq)
+
+    def cache_prefix(self, seq: Sequence) -> None:
+        if self.prefix_cache is not None and seq.num_computed >= self.pool.block_size:
+            self.prefix_cache.insert(seq.tokens[: seq.num_computed], seq.block_table, seq.cache_salt)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.pool.free(seq.block_table)
+        seq.block_table = []
+        if seq.prefix_node is not None:
+            self.prefix_cache.unlock(seq.prefix_node)
+            seq.prefix_node = None
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(seq)
+        out.preempted.append(seq)
+
+    def trim_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Free blocks past what ``num_tokens`` cached tokens need (speculative rollback)."""
+        keep = self.pool.blocks_needed(num_tokens)
+        if len(seq.block_table) > keep:
+            self.pool.free(seq.block_table[keep:])
+            del seq.block_table[keep:]
+
+    # -------------------------------------------------------------- block allocation
+
+    def _make_room(self, blocks: int) -> bool:
+        if self.pool.num_free < blocks and self.prefix_cache is not None:
+            self.prefix_cache.evict(blocks - self.pool.num_free)
+        return self.pool.num_free >= blocks
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make seq's block table cover ``num_tokens`` positions."""
+        need = self.pool.blocks_needed(num_tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if not self._make_room(need):
+            return False
+        seq.block_table.extend(self.pool.allocate(need))
+        return True
+
+    # -------------------------------------------------------------- the step
+
+    def schedule(self, spec_slots: Callable[[Sequence], int] | None = None) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        self.running.sort(key=_urgency)
+        self.waiting.sort(key=_urgency)
+        budget = self._schedule_running(out, budget, spec_slots)
+        self._preempt_for_urgent_waiting(out)
+        self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int, spec_slots) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            remaining = seq.num_tokens - seq.num_computed
+            n = min(remaining, budget)
+            k = 0
+            if remaining == 1 and spec_slots is not None:
+                k = min(spec_slots(seq), budget - 1, self.config.max_model_len - seq.num_tokens)
+                k = max(k, 0)
+            while not self._grow(seq, seq.num_computed + n + k):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted itself; running[i] is now the next sequence
+            out.scheduled.append(ScheduledSeq(seq, n, k))
+            budget -= n + k
+            i += 1
+        return budget
+
+    def _preempt_for_urgent_waiting(self, out: SchedulerOutput) -> None:
+        """A full batch yields its least urgent member to a strictly more urgent arrival."""
+        if not self.waiting or len(self.running) < self.config.max_num_seqs:
+            return
+        head, worst = self.waiting[0], self.running[-1]
+        if head.priority < worst.priority:
+            out.scheduled = [s for s in out.scheduled if s.seq is not worst]
+            self._preempt(worst, out)
+            self.waiting.sort(key=_urgency)
+
+    def _admit_prefix(self, seq: Sequence) -> None:
+        if self.prefix_cache is None or seq.num_computed or seq.block_table:
+            return
+        match = self.prefix_cache.match_prefix(seq.tokens, seq.cache_salt)
+        if match.num_tokens:
+            self.pool.incref(match.block_ids)
+            seq.block_table = list(match.block_ids)
+            seq.num_computed = match.num_tokens
+            seq.prefix_node = match.last_node
+            self.prefix_cache.lock(match.last_node)
+        seq.num_cached_prefix = max(seq.num_cached_prefix, match.num_tokens) if seq.num_preemptions else \
+            match.num_tokens
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            self._admit_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                self._release(seq)  # give back the prefix blocks; retry when memory frees up
+                seq.num_computed = 0
+                break
+            self.waiting.pop(0)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n

@@ -1,0 +1,65 @@
+"""Tensor-free bookkeeping of fixed-size KV blocks: a free list and reference counts.
+
+A block is owned by whoever holds a reference: each running sequence holds one on every
+block of its block table, and the prefix cache (radix tree) holds one on every block it
+caches. A block returns to the free list when its last reference is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class OutOfBlocksError(RuntimeError):
+    """Internal: the pool cannot satisfy an allocation (the scheduler preempts or waits)."""
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._ref = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def all_free(self) -> bool:
+        return len(self._free) == self.num_blocks and not any(self._ref)
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref[block_id]
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` free blocks with reference count 1, or raise without taking any."""
+        if n > len(self._free):
+            raise OutOfBlocksError(f"need {n} blocks, {len(self._free)} free")
+        ids = [self._free.popleft() for _ in range(n)]
+        for b in ids:
+            self._ref[b] = 1
+        return ids
+
+    def incref(self, block_ids: list[int]) -> None:
+        for b in block_ids:
+            if self._ref[b] <= 0:
+                raise AssertionError(f"incref of free block {b}")
+            self._ref[b] += 1
+
+    def free(self, block_ids: list[int]) -> None:
+        """Drop one reference to each block; blocks whose count reaches 0 become free."""
+        for b in block_ids:
+            if self._ref[b] <= 0:
+                raise AssertionError(f"double free of block {b}")
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free.append(b)

@@ -1,0 +1,163 @@
+"""Sampling: parameters, logits -> probabilities, and seeded draws.
+
+``logits_to_probs`` is the single place where temperature, top-k, top-p, min-p and the
+penalties are applied. Plain decoding and speculative verification both call it, which is
+what makes speculative sampling lossless: p and q are processed exactly alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from specache.errors import InvalidSamplingParamsError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise InvalidSamplingParamsError(msg)
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            bad(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            bad(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            bad(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
+            bad("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if not isinstance(self.n, int) or self.n < 1:
+            bad(f"n must be a positive integer, got {self.n!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            bad(f"logprobs must be between 0 and 20, got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        )
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
+) -> torch.Tensor:
+    """Repetition penalty (HF style, over prompt + output) and OpenAI presence/frequency
+    penalties (over output only). ``logits`` is one row [V], modified in place."""
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        if len(seen):
+            vals = logits[seen]
+            rp = params.repetition_penalty
+            logits[seen] = torch.where(vals > 0, vals / rp, vals * rp)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = torch.tensor(output_ids, dtype=torch.long).unique(return_counts=True)
+        logits[ids] -= params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
+    return logits
+
+
+def _top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       min_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits [N, V] outside each row's top-k / nucleus / min-p set with -inf."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(1)
+    remove = ranks >= k
+    sorted_probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    # Nucleus: drop a token when the mass strictly before it already reaches top_p.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    remove |= mass_before >= top_p.unsqueeze(1)
+    remove |= sorted_probs < (min_p.unsqueeze(1) * sorted_probs[:, :1])
+    remove[:, 0] = False  # always keep the most likely token
+    mask = torch.zeros_like(remove).scatter(1, order, remove)
+    return logits.masked_fill(mask, float("-inf"))
+
+
+def logits_to_probs(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    prompt_ids: list[list[int]] | None = None,
+    output_ids: list[list[int]] | None = None,
+) -> torch.Tensor:
+    """Turn raw logits [N, V] into the distribution each row samples from.
+
+    Greedy rows (temperature 0) become one-hot on the argmax, so verification can treat
+    greedy and sampled requests alike.
+    """
+    logits = logits.float()
+    if any(p.has_penalties for p in params):
+        logits = logits.clone()
+        for i, p in enumerate(params):
+            if p.has_penalties:
+                apply_penalties(logits[i], p, prompt_ids[i] if prompt_ids else [],
+                                output_ids[i] if output_ids else [])
+    device = logits.device
+    greedy = torch.tensor([p.greedy for p in params], device=device)
+    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    logits = logits / temps.unsqueeze(1)
+    if any((p.top_k > 0 or p.top_p < 1 or p.min_p > 0) and not p.greedy for p in params):
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        logits = _top_k_top_p_min_p(logits, top_k, top_p, min_p)
+    probs = logits.softmax(dim=-1)
+    if greedy.any():
+        one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
+    return probs
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A per-request generator: the same seed gives the same draws, whatever else is batched."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def sample(probs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """One token per row. Greedy rows take the argmax; others draw with their own generator."""
+    out: list[int] = []
+    argmax = probs.argmax(dim=-1).tolist()
+    for i, p in enumerate(params):
+        if p.greedy:
+            out.append(argmax[i])
+        else:
+            out.append(int(torch.multinomial(probs[i], 1, generator=generators[i]).item()))
+    return out
