@@ -42,12 +42,14 @@ def build_metadata(items: list[BatchItem], block_size: int, device: torch.device
         offset += q_lens[b]
     positions_t = torch.cat(positions)
     mask = None
+    kv_len = ends[0] if batch == 1 else None  # one sequence: slice its keys, no padding to mask
     if not (batch == 1 and q_max == 1):
         qpos = torch.zeros(batch, q_max, dtype=torch.long)
         for b, it in enumerate(items):
             qpos[b, : q_lens[b]] = torch.arange(it.start, ends[b])
         # Causal over absolute positions; padding query rows see only slot 0 (never NaN).
-        mask = (torch.arange(nb * block_size)[None, None, :] <= qpos[:, :, None]).unsqueeze(1).to(device)
+        cols = torch.arange(kv_len or nb * block_size)
+        mask = (cols[None, None, :] <= qpos[:, :, None]).unsqueeze(1).to(device)
     uniform = all(n == q_max for n in q_lens)
     meta = AttentionMetadata(
         slot_mapping=torch.cat(slots).to(device),
@@ -56,6 +58,7 @@ def build_metadata(items: list[BatchItem], block_size: int, device: torch.device
         q_index=None if uniform else torch.cat(q_index).to(device),
         batch=batch,
         q_max=q_max,
+        kv_len=kv_len,
     )
     input_ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.long, device=device)
     return input_ids, positions_t.to(device), meta, torch.tensor(logits_idx, dtype=torch.long, device=device)

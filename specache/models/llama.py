@@ -30,6 +30,7 @@ class AttentionMetadata:
     q_index: torch.Tensor | None  # [T] position of each flat token in the [B*Qmax] padded grid
     batch: int
     q_max: int
+    kv_len: int | None = None  # single sequence: attend to the first kv_len gathered slots only
 
 
 @dataclass
@@ -107,6 +108,8 @@ class LlamaModel:
         k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
         cache.write(layer, meta.slot_mapping, k, v.view(-1, c.num_kv_heads, c.head_dim))
         keys, values = cache.gather(layer, meta.block_tables)
+        if meta.kv_len is not None:
+            keys, values = keys[:, : meta.kv_len], values[:, : meta.kv_len]
         if meta.q_index is None:
             qp = q.view(meta.batch, meta.q_max, c.num_heads, c.head_dim)
         else:
