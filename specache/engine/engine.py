@@ -53,11 +53,12 @@ class Engine:
         self.runner = ModelRunner(self.model, self.cache)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
         self.requests: dict[str, list[Sequence]] = {}
+        self.live_seqs: dict[int, Sequence] = {}  # by seq_id, for proposers that need block tables
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         self.spec = None
         if config.speculative:
-            from specache.spec.engine_hooks import SpecDecoder
+            from specache.spec.decoder import SpecDecoder
 
             self.spec = SpecDecoder(self, config.speculative, config.num_spec_tokens)
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0}
@@ -106,6 +107,7 @@ class Engine:
             seq.generator = make_generator(seed) if seed is not None or self._rng is None else \
                 make_generator(int(torch.randint(0, 2**62, (1,), generator=self._rng)))
             seqs.append(seq)
+            self.live_seqs[seq.seq_id] = seq
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
         self.stats["prompt_tokens"] += len(ids)
@@ -205,6 +207,7 @@ class Engine:
             seq.text = self.tokenizer.decode(seq.output_ids)
         seq.finish_time = time.monotonic()
         self.scheduler.finish(seq, reason)
+        self.live_seqs.pop(seq.seq_id, None)
         if self.spec:
             self.spec.release(seq)
 

@@ -1,0 +1,129 @@
+"""Glue between the engine and speculative decoding: build the proposer from its name,
+ask the controller for K, draft, verify in one target pass, record acceptance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specache.engine.runner import BatchItem
+from specache.engine.scheduler import SchedulerOutput
+from specache.engine.sequence import Sequence
+from specache.errors import ConfigError
+from specache.sampling import logits_to_probs
+from specache.spec.base import Draft, DraftRequest, Proposer
+from specache.spec.controller import SpecController
+from specache.spec.verify import verify
+
+METHODS = "ngram | draft:PATH | layer-skip:L | quantized | auto"
+
+
+def build_proposer(engine, method: str) -> Proposer:
+    from specache.spec.ngram import NgramProposer
+
+    if method in ("ngram", "auto"):
+        return NgramProposer()
+    if method.startswith("layer-skip"):
+        _, _, layers = method.partition(":")
+        n = int(layers) if layers else engine.model.num_layers // 2
+        from specache.spec.layer_skip import LayerSkipProposer
+
+        return LayerSkipProposer(engine.runner, n, engine.live_seqs)
+    if method.startswith("draft:") or method == "quantized":
+        return _model_proposer(engine, method)
+    raise ConfigError(f"unknown speculative method {method!r}; use {METHODS}")
+
+
+def _model_proposer(engine, method: str) -> Proposer:
+    from specache.models.llama import LlamaModel
+    from specache.models.loader import load_model
+    from specache.spec.draft import ModelProposer
+
+    if method == "quantized":
+        model = LlamaModel(engine.model_config, engine.loaded.weights, engine.model.dtype, engine.device,
+                           weight_format="int8")
+        name = "quantized"
+    else:
+        draft = load_model(method.split(":", 1)[1])
+        if draft.config.vocab_size != engine.model_config.vocab_size:
+            raise ConfigError("the draft model must share the target's tokenizer (vocab sizes differ)")
+        model = LlamaModel(draft.config, draft.weights, engine.model.dtype, engine.device)
+        name = "draft"
+    return ModelProposer(model, engine.pool.num_blocks, engine.pool.block_size, name)
+
+
+class SpecDecoder:
+    def __init__(self, engine, method: str, num_spec_tokens: int) -> None:
+        self.engine = engine
+        self.method = method
+        self.max_k = num_spec_tokens
+        self.proposer = build_proposer(engine, method)
+        self.controller = SpecController(max_k=num_spec_tokens)
+        self._draft_probs: dict[int, torch.Tensor | None] = {}
+
+    # -------------------------------------------------------------- scheduling
+
+    def slots_for(self, seq: Sequence) -> int:
+        if self.max_k == 0:
+            return 0
+        return self.controller.choose_k(seq.seq_id, len(self.engine.scheduler.running))
+
+    def propose(self, sched: SchedulerOutput) -> dict[int, list[int]]:
+        reqs = [DraftRequest(s.seq.seq_id, s.seq.tokens, s.num_spec_slots, s.seq.params)
+                for s in sched.scheduled if s.num_spec_slots > 0]
+        if not reqs:
+            return {}
+        drafts: list[Draft] = self.proposer.propose(reqs)
+        out = {}
+        for r, d in zip(reqs, drafts, strict=True):
+            toks = d.tokens[: r.num_tokens]
+            out[r.seq_id] = toks
+            self._draft_probs[r.seq_id] = d.probs[: len(toks)] if d.probs is not None and toks else None
+        return out
+
+    # -------------------------------------------------------------- verification
+
+    def verify(self, items: list[BatchItem], logits: list[torch.Tensor | None],
+               drafts: list[list[int] | None]) -> list[list[int] | None]:
+        rows = [(i, it, lg, drafts[i] or []) for i, (it, lg) in enumerate(zip(items, logits, strict=True))
+                if lg is not None]
+        target_probs = self._target_probs(rows)
+        seqs = [it.seq for _, it, _, _ in rows]
+        results = verify([d for *_, d in rows], [self._draft_probs.pop(it.seq.seq_id, None) for _, it, _, _ in rows],
+                         target_probs, [s.params for s in seqs], [s.generator for s in seqs])
+        out: list[list[int] | None] = [None] * len(items)
+        for (i, it, _, draft), res in zip(rows, results, strict=True):
+            out[i] = list(res.tokens)
+            if draft:
+                seq = it.seq
+                seq.spec_drafted += len(draft)
+                seq.spec_accepted += res.num_accepted
+                seq.spec_steps += 1
+                self.controller.record(seq.seq_id, len(draft), res.num_accepted)
+                self.proposer.on_verified(seq.seq_id, res.num_accepted)
+        return out
+
+    def _target_probs(self, rows) -> list[torch.Tensor]:
+        """p for each draft position, with penalty histories that include the earlier drafts."""
+        flat_logits, params, prompts, outputs = [], [], [], []
+        for _, it, lg, draft in rows:
+            seq = it.seq
+            for j in range(lg.shape[0]):
+                flat_logits.append(lg[j])
+                params.append(seq.params)
+                prompts.append(seq.prompt_ids)
+                outputs.append(seq.output_ids + draft[:j])
+        probs = logits_to_probs(torch.stack(flat_logits), params, prompts, outputs)
+        out, k = [], 0
+        for _, _, lg, _ in rows:
+            out.append(probs[k: k + lg.shape[0]])
+            k += lg.shape[0]
+        return out
+
+    def release(self, seq: Sequence) -> None:
+        self._draft_probs.pop(seq.seq_id, None)
+        self.proposer.release(seq.seq_id)
+        self.controller.release(seq.seq_id)
+
+    def stats(self) -> dict:
+        return {"method": self.method, **self.controller.stats()}

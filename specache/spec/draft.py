@@ -1,0 +1,99 @@
+"""Model drafters: a smaller model with the same tokenizer ("draft:PATH"), or the target
+itself with int8 weights ("quantized"). Each keeps its own paged KV cache.
+
+Per sequence the drafter remembers how many tokens its cache holds; after verification it
+rolls that back to the accepted prefix, so rejected drafts leave no trace.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specache.engine.runner import BatchItem, ModelRunner
+from specache.engine.sequence import Sequence
+from specache.kv.block_pool import BlockPool
+from specache.kv.cache import KVCache
+from specache.models.llama import LlamaModel
+from specache.sampling import SamplingParams, logits_to_probs, sample
+from specache.spec.base import Draft, DraftRequest, Proposer
+
+
+class _DraftSeq(Sequence):
+    """The drafter's view of a sequence: only the token list and the block table matter."""
+
+
+class ModelProposer(Proposer):
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, name: str = "draft") -> None:
+        c = model.config
+        self.name = name
+        self.model = model
+        self.pool = BlockPool(num_blocks, block_size)
+        self.runner = ModelRunner(model, KVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads,
+                                                 c.head_dim, model.dtype, model.device))
+        self.seqs: dict[int, _DraftSeq] = {}
+        self.vocab = c.vocab_size
+
+    def _state(self, req: DraftRequest) -> _DraftSeq:
+        st = self.seqs.get(req.seq_id)
+        if st is None:
+            st = self.seqs[req.seq_id] = _DraftSeq(req.seq_id, "", 0, [], req.params)
+        # The target may have rewritten history (rejected drafts): keep only the common prefix.
+        common = 0
+        limit = min(st.num_computed, len(req.token_ids))
+        while common < limit and st.tokens[common] == req.token_ids[common]:
+            common += 1
+        st.tokens = list(req.token_ids)
+        st.num_computed = common
+        return st
+
+    def _ensure_blocks(self, st: _DraftSeq, num_tokens: int) -> bool:
+        need = self.pool.blocks_needed(num_tokens) - len(st.block_table)
+        if need > self.pool.num_free:
+            return False
+        if need > 0:
+            st.block_table += self.pool.allocate(need)
+        return True
+
+    @torch.inference_mode()
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        active = [r for r in requests if r.num_tokens > 0]
+        states = {r.seq_id: self._state(r) for r in active}
+        active = [r for r in active if self._ensure_blocks(states[r.seq_id], len(r.token_ids) + r.num_tokens)]
+        tokens: dict[int, list[int]] = {r.seq_id: [] for r in requests}
+        probs: dict[int, list[torch.Tensor]] = {r.seq_id: [] for r in requests}
+        # Step 0 catches the draft cache up on everything it has not seen (cheap: usually 1-2 tokens).
+        for step in range(max((r.num_tokens for r in active), default=0)):
+            live = [r for r in active if r.num_tokens > step]
+            if not live:
+                break
+            items = []
+            for r in live:
+                st = states[r.seq_id]
+                new = st.tokens[st.num_computed:]
+                items.append(BatchItem(st, new, st.num_computed, 1))
+            logits = torch.cat(self.runner.run(items))
+            params = [r.params for r in live]
+            p = logits_to_probs(logits, params, [r.token_ids for r in live], [tokens[r.seq_id] for r in live])
+            picked = sample(p, params, [_draft_generator(r.params) for r in live])
+            for r, tok, row in zip(live, picked, p, strict=True):
+                st = states[r.seq_id]
+                st.num_computed = st.num_tokens
+                st.tokens.append(tok)
+                tokens[r.seq_id].append(tok)
+                probs[r.seq_id].append(row)
+        return [Draft(tokens[r.seq_id], torch.stack(probs[r.seq_id]) if probs[r.seq_id] else None)
+                for r in requests]
+
+    def release(self, seq_id: int) -> None:
+        st = self.seqs.pop(seq_id, None)
+        if st is not None and st.block_table:
+            self.pool.free(st.block_table)
+
+
+_DRAFT_GEN = torch.Generator().manual_seed(1234)
+
+
+def _draft_generator(params: SamplingParams) -> torch.Generator:
+    # The draft's own randomness never touches the request's generator: losslessness only needs
+    # q to be the distribution the draft token was drawn from.
+    return _DRAFT_GEN
