@@ -43,7 +43,8 @@ def build_metadata(items: list[BatchItem], block_size: int, device: torch.device
     positions_t = torch.cat(positions)
     mask = None
     kv_len = ends[0] if batch == 1 else None  # one sequence: slice its keys, no padding to mask
-    if not (batch == 1 and q_max == 1):
+    causal = batch == 1 and items[0].start == 0 and q_max > 1
+    if not (batch == 1 and q_max == 1) and not causal:
         qpos = torch.zeros(batch, q_max, dtype=torch.long)
         for b, it in enumerate(items):
             qpos[b, : q_lens[b]] = torch.arange(it.start, ends[b])
@@ -59,6 +60,7 @@ def build_metadata(items: list[BatchItem], block_size: int, device: torch.device
         batch=batch,
         q_max=q_max,
         kv_len=kv_len,
+        causal=causal,
     )
     input_ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.long, device=device)
     return input_ids, positions_t.to(device), meta, torch.tensor(logits_idx, dtype=torch.long, device=device)

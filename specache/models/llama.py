@@ -31,6 +31,7 @@ class AttentionMetadata:
     batch: int
     q_max: int
     kv_len: int | None = None  # single sequence: attend to the first kv_len gathered slots only
+    causal: bool = False  # single sequence from position 0: SDPA's own causal kernel, no mask
 
 
 class Projection:
@@ -150,7 +151,7 @@ class LlamaModel:
             qp = qp.view(meta.batch, meta.q_max, c.num_heads, c.head_dim)
         out = F.scaled_dot_product_attention(
             qp.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
-            attn_mask=meta.mask, enable_gqa=c.num_heads != c.num_kv_heads,
+            attn_mask=meta.mask, is_causal=meta.causal, enable_gqa=c.num_heads != c.num_kv_heads,
         )
         out = out.transpose(1, 2).reshape(meta.batch * meta.q_max, self.q_size)
         if meta.q_index is not None:
