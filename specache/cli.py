@@ -13,6 +13,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("--weight-format", default="dense", choices=["dense", "int8", "hybrid"],
+                   help="int8: weight-only int8 (fast decode); hybrid: int8 for decode, bf16 for batches")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB, 2GiB")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=32)
@@ -27,7 +29,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_options(args: argparse.Namespace, prefix_default: bool) -> dict:
     prefix = args.enable_prefix_caching
     return dict(
-        dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+        dtype=args.dtype, device=args.device, weight_format=args.weight_format, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=prefix_default if prefix is None else prefix,
         speculative=args.speculative, num_spec_tokens=args.num_spec_tokens,

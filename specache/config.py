@@ -23,16 +23,28 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        # CPU: fp32 is both exact and (for this model size) as fast as bf16 matmuls here.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # bf16 where the hardware multiplies it natively (GPUs, AVX512-BF16/AMX CPUs): batched
+        # matmuls run ~6x faster than fp32 here. Elsewhere fp32.
+        if device.type == "cuda" or cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
     return DTYPES[dtype]
 
 
+def cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @dataclass
 class EngineConfig:
     dtype: str | torch.dtype = "auto"
+    weight_format: str = "dense"  # dense | int8 | hybrid (int8 for decode rows, bf16 for batches)
     device: str | None = "auto"
     block_size: int = 16
     kv_cache_memory: str | int = "1GiB"
@@ -47,6 +59,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.torch_device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
+        if self.weight_format not in ("dense", "int8", "hybrid"):
+            raise ConfigError(f"weight_format must be dense, int8 or hybrid, got {self.weight_format!r}")
+        if self.weight_format != "dense":
+            self.torch_dtype = torch.bfloat16  # the int8 kernels take bf16 activations
         self.kv_cache_bytes = parse_bytes(self.kv_cache_memory)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             if getattr(self, name) <= 0:

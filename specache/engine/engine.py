@@ -33,7 +33,7 @@ class Engine:
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer
         self.device = config.torch_device
-        self.model = LlamaModel(mc, loaded.weights, config.torch_dtype, self.device)
+        self.model = LlamaModel(mc, loaded.weights, config.torch_dtype, self.device, config.weight_format)
         self.max_model_len = min(config.max_model_len or min(mc.max_position_embeddings, 8192),
                                  mc.max_position_embeddings)
         num_blocks = num_blocks_for_budget(mc, config.kv_cache_bytes, config.block_size, config.torch_dtype)
