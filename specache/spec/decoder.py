@@ -15,7 +15,7 @@ from specache.spec.base import Draft, DraftRequest, Proposer
 from specache.spec.controller import SpecController
 from specache.spec.verify import verify
 
-METHODS = "ngram | draft:PATH | layer-skip:L | quantized | auto"
+METHODS = "ngram | draft:PATH | layer-skip:L | quantized | lookahead | auto"
 
 
 def build_proposer(engine, method: str) -> Proposer:
@@ -23,6 +23,10 @@ def build_proposer(engine, method: str) -> Proposer:
 
     if method in ("ngram", "auto"):
         return NgramProposer()
+    if method == "lookahead":
+        from specache.spec.lookahead import LookaheadProposer
+
+        return LookaheadProposer()
     if method.startswith("layer-skip"):
         _, _, layers = method.partition(":")
         n = int(layers) if layers else engine.model.num_layers // 2
@@ -92,8 +96,11 @@ class SpecDecoder:
         results = verify([d for *_, d in rows], [self._draft_probs.pop(it.seq.seq_id, None) for _, it, _, _ in rows],
                          target_probs, [s.params for s in seqs], [s.generator for s in seqs])
         out: list[list[int] | None] = [None] * len(items)
-        for (i, it, _, draft), res in zip(rows, results, strict=True):
+        observe = getattr(self.proposer, "observe", None)
+        for (i, it, _, draft), res, p in zip(rows, results, target_probs, strict=True):
             out[i] = list(res.tokens)
+            if observe is not None:  # Jacobi-style proposers learn from the target's predictions
+                observe(it.seq.seq_id, draft, p.argmax(dim=-1).tolist(), res.num_accepted)
             if draft:
                 seq = it.seq
                 seq.spec_drafted += len(draft)
