@@ -29,7 +29,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_options(args: argparse.Namespace, prefix_default: bool) -> dict:
     prefix = args.enable_prefix_caching
     return dict(
-        dtype=args.dtype, device=args.device, weight_format=args.weight_format, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+        dtype=args.dtype, device=args.device, weight_format=args.weight_format,
+        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=prefix_default if prefix is None else prefix,
         speculative=args.speculative, num_spec_tokens=args.num_spec_tokens,
