@@ -11,6 +11,7 @@ SUITES = {
     "quality": "quality",
     "prefix": "prefix",
     "spec": "spec",
+    "peers": "peers",
     "response-cache": "response_cache",
     "serve": "serve",
 }

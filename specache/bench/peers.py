@@ -1,0 +1,143 @@
+"""specache vs transformers vs llama.cpp on the same weights: prefill, decode, concurrency,
+prompt lookup. Interleaved repeats, medians; JSON + markdown + PNG plots in docs/."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from specache.bench.engines import (
+    LlamaCppEngine,
+    SpecacheEngine,
+    TransformersEngine,
+    llama_cpp_available,
+    text_prompts,
+)
+from specache.bench.report import Timer, environment, markdown_table, median, write_report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--docs", default="docs", help="where benchmarks.md and the plots go")
+
+
+def _copy_heavy(tok) -> list[list[int]]:
+    """Prompts whose answer repeats the input (the prompt-lookup case)."""
+    from pydoc_data.topics import topics
+
+    docs = [topics["assert"][:900], topics["pass"][:900]]
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": f"Repeat this text exactly:\n\n{d}"}]))
+            for d in docs]
+
+
+def _engines() -> list:
+    from specache.models.loader import default_gguf_path
+
+    ours = SpecacheEngine(dtype="bfloat16", weight_format="hybrid", name="specache bf16+int8")
+    engines = [ours, SpecacheEngine(dtype="float32", name="specache fp32"),
+               TransformersEngine(ours.llm.loaded.path, torch.bfloat16, name="transformers bf16"),
+               TransformersEngine(ours.llm.loaded.path, torch.float32, name="transformers fp32")]
+    if llama_cpp_available():
+        engines.append(LlamaCppEngine(default_gguf_path(), name="llama.cpp Q4_1"))
+    return engines
+
+
+def _lookup_engines(ours_path) -> list:
+    from specache.models.loader import default_gguf_path
+
+    engines = [SpecacheEngine(dtype="bfloat16", weight_format="hybrid", speculative="ngram",
+                              name="specache bf16+int8 ngram"),
+               TransformersEngine(ours_path, torch.bfloat16, name="transformers bf16 prompt_lookup",
+                                  prompt_lookup_num_tokens=4)]
+    if llama_cpp_available():
+        engines.append(LlamaCppEngine(default_gguf_path(), prompt_lookup=4, name="llama.cpp Q4_1 prompt lookup"))
+    return engines
+
+
+def _measure(engines, workloads, repeats) -> dict:
+    times: dict[tuple[str, str], list[float]] = {}
+    tokens: dict[tuple[str, str], int] = {}
+    for e in engines:
+        e.generate(next(iter(workloads.values()))[0][:1], 4)  # warm-up
+    steps = [(w, e) for _ in range(repeats) for w in workloads for e in engines]
+    for wname, eng in tqdm(steps, desc="bench peers", unit="run"):
+        prompts, new = workloads[wname]
+        with Timer() as t:
+            n = eng.generate(prompts, new)
+        times.setdefault((wname, eng.name), []).append(t.s)
+        tokens[(wname, eng.name)] = n if new > 1 else sum(len(p) for p in prompts)
+    return {k: tokens[k] / median(v) for k, v in times.items()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    engines = _engines()
+    tok = engines[0].llm.tokenizer
+    n = args.new_tokens
+    workloads = {
+        "prefill (1000-token prompt), tok/s": (text_prompts(tok, 1, 1000, 1000, seed=2), 1),
+        "decode, 1 stream": (text_prompts(tok, 1, 64, 64), n),
+        "decode, 4 concurrent": (text_prompts(tok, 4, 50, 500, seed=1), n),
+        "decode, 16 concurrent": (text_prompts(tok, 16, 50, 500, seed=3), n),
+    }
+    tps = _measure(engines, workloads, args.repeats)
+    lookup_engines = _lookup_engines(engines[0].llm.loaded.path)
+    lookup = _measure(lookup_engines + engines[:1], {"prompt lookup, copy-heavy": (_copy_heavy(tok), n)},
+                      args.repeats)
+    rows = []
+    for w in workloads:
+        row = {"workload": w} | {e.name: tps[(w, e.name)] for e in engines}
+        rows.append(row)
+    lookup_row = {"workload": "prompt lookup, copy-heavy"} | {k[1]: v for k, v in lookup.items()}
+    names = [e.name for e in engines]
+    table = markdown_table(rows, ["workload"] + names) + "\n\n" + \
+        markdown_table([lookup_row], ["workload"] + list(lookup_row)[1:])
+    table += _ratios(rows, names)
+    result = {"rows": rows, "lookup": lookup_row, "env": environment()}
+    out = write_report(args.out, "peers", result, table)
+    _plot(rows, names, Path(args.docs))
+    _write_docs(Path(args.docs), table, out)
+    return result
+
+
+def _ratios(rows, names) -> str:
+    ours = names[0]
+    lines = ["", "", f"Ratios of {ours} against each peer (higher is better):", ""]
+    for r in rows:
+        parts = [f"{n}: {r[ours] / r[n]:.2f}x" for n in names[1:] if r.get(n)]
+        lines.append(f"- {r['workload']}: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def _plot(rows, names, docs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs.mkdir(parents=True, exist_ok=True)
+    conc = [r for r in rows if r["workload"].startswith("decode")]
+    xs = [1, 4, 16]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n in names:
+        ax.plot(xs, [r[n] for r in conc], marker="o", label=n)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title("Decode throughput vs concurrency (SmolLM2-135M, 2 CPU cores)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(docs / "peers-throughput.png", dpi=120)
+    plt.close(fig)
+
+
+def _write_docs(docs: Path, table: str, out: Path) -> None:
+    text = ("# Benchmarks against peers\n\n"
+            "`make bench-peers` (installs llama-cpp-python from source, then runs `specache bench peers`).\n\n"
+            f"{table}\n\n![throughput vs concurrency](peers-throughput.png)\n\n"
+            f"Raw JSON: `{out}/peers.json`.\n")
+    (docs / "benchmarks.md").write_text(text)

@@ -1,0 +1,204 @@
+"""Speculative decoding: speedup, acceptance and mean accepted length per method and task,
+side by side with our plain decode and transformers' prompt lookup / assisted generation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from specache.bench.report import Timer, environment, markdown_table, median, write_report
+
+CODE = '''def total_price(items, tax_rate):
+    subtotal = 0
+    for item in items:
+        subtotal += item["price"] * item["quantity"]
+    tax = subtotal * tax_rate
+    return subtotal + tax
+
+
+def apply_discount(total, code):
+    if code == "SAVE10":
+        return total * 0.9
+    if code == "SAVE20":
+        return total * 0.8
+    return total
+'''
+RECORD = ("Invoice 4471 was issued on 12 March 2024 by Northwind Traders to Contoso Ltd for 37 units of "
+          "part AX-200 at 14.50 EUR each, payable within 30 days to IBAN-free account 55-1029.")
+
+TASKS = {
+    "code edit": [f"Rename the variable `subtotal` to `net` in this code and return the whole code:\n\n{CODE}",
+                  f"Add type hints to every function in this code and return the whole code:\n\n{CODE}"],
+    "summarise with quotes": ["Summarise the following text, quoting its key sentences verbatim:\n\n{doc}"],
+    "extract fields": [f"Copy this record, then list its invoice number, date, seller, buyer, quantity and unit "
+                       f"price, one per line:\n\n{RECORD}"],
+    "multi-turn repeat": ["__multiturn__"],
+    "open-ended chat": ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
+                        "What are some good habits for staying healthy while working from home?"],
+}
+GROUNDED = ["code edit", "summarise with quotes", "extract fields", "multi-turn repeat"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--methods", default="ngram,lookahead,layer-skip:8,quantized,draft")
+    p.add_argument("--temperatures", default="0,0.7")
+    p.add_argument("--batches", default="1,4,16", help="batch sizes for the batch study (ngram vs plain)")
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--num-spec-tokens", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--no-transformers", action="store_true")
+
+
+def _chat(tok, task: str, prompt: str) -> list[int]:
+    from pydoc_data.topics import topics
+
+    if prompt == "__multiturn__":
+        answer = ("Sure. A good morning routine: wake at a fixed time, drink a glass of water, stretch for five "
+                  "minutes, write down the three most important tasks of the day, and avoid email for the "
+                  "first hour.")
+        msgs = [{"role": "user", "content": "Give me a simple morning routine."},
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "Thanks! Please repeat your previous answer word for word."}]
+    else:
+        msgs = [{"role": "user", "content": prompt.format(doc=topics["assert"][:1200])}]
+    return tok.encode(tok.apply_chat_template(msgs))
+
+
+def make_truncated_draft(model_dir: Path, layers: int, out: Path) -> Path:
+    """A smaller model with the same tokenizer: the target's first `layers` layers (draft:PATH demo)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["num_hidden_layers"] = layers
+    cfg.pop("specache", None)
+    weights = {k: v for k, v in load_file(str(model_dir / "model.safetensors")).items()
+               if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, out / name)
+    return out
+
+
+def _ours(model, dtype, method, k):
+    from specache import LLM
+
+    spec = None if method == "plain" else method
+    return LLM(model=model, dtype=dtype, speculative=spec, num_spec_tokens=k, kv_cache_memory="1GiB")
+
+
+def _time_ours(llm, prompts, params, repeats):
+    times, outs = [], None
+    for _ in range(repeats):
+        with Timer() as t:
+            outs = llm.generate(prompts, params)
+        times.append(t.s)
+    toks = sum(len(o.token_ids) for o in outs)
+    drafted = sum(o.metrics["spec_draft_tokens"] for o in outs)
+    accepted = sum(o.metrics["spec_accepted_tokens"] for o in outs)
+    lengths = [o.metrics["spec_mean_accepted_length"] for o in outs if o.metrics["spec_mean_accepted_length"]]
+    return {"s": median(times), "tokens": toks, "tok/s": toks / median(times),
+            "acceptance": accepted / drafted if drafted else None,
+            "mean accepted length": sum(lengths) / len(lengths) if lengths else None,
+            "outputs": [o.token_ids for o in outs]}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from specache import SamplingParams
+    from specache.models.loader import resolve_model_path
+
+    model_dir = resolve_model_path(args.model)
+    draft_dir = make_truncated_draft(model_dir, 6, Path(args.out) / "draft-6-layers")
+    methods = ["plain"] + [f"draft:{draft_dir}" if m == "draft" else m for m in args.methods.split(",")]
+    rows, batch_rows = [], []
+    plain_tps: dict[tuple[str, float], float] = {}
+    plain_out: dict[str, list] = {}
+    for method in tqdm(methods, desc="bench spec", unit="method"):
+        llm = _ours(str(model_dir), args.dtype, method, args.num_spec_tokens)
+        tok = llm.tokenizer
+        for temp in [float(t) for t in args.temperatures.split(",")]:
+            params = SamplingParams(max_tokens=args.new_tokens, temperature=temp, seed=0)
+            for task, prompts in TASKS.items():
+                ids = [_chat(tok, task, p) for p in prompts]
+                r = _time_ours(llm, ids, params, args.repeats)
+                key = (task, temp)
+                if method == "plain":
+                    plain_tps[key] = r["tok/s"]
+                    plain_out[f"{task}|{temp}"] = r["outputs"]
+                row = {"method": method.split("/")[-1] if method.startswith("draft:") else method,
+                       "task": task, "temperature": temp, "tok/s": r["tok/s"],
+                       "speedup": r["tok/s"] / plain_tps[key], "acceptance": r["acceptance"],
+                       "mean accepted length": r["mean accepted length"]}
+                if temp == 0 and method != "plain":
+                    row["greedy output = plain"] = r["outputs"] == plain_out[f"{task}|{temp}"]
+                rows.append(row)
+        if method in ("plain", "ngram"):
+            batch_rows += _batch_study(llm, method, args)
+        if llm.engine.spec is not None:
+            rows[-1]["controller"] = json.dumps(llm.engine.spec.stats(), default=str)[:200]
+        del llm
+    if not args.no_transformers:
+        rows += _transformers_rows(model_dir, draft_dir, args, plain_tps)
+    cols = ["method", "task", "temperature", "tok/s", "speedup", "acceptance", "mean accepted length",
+            "greedy output = plain"]
+    table = markdown_table(rows, cols) + "\n\n## Batch study (temperature 0)\n\n" + \
+        markdown_table(batch_rows, ["method", "batch", "tok/s", "speedup"])
+    result = {"rows": rows, "batch": batch_rows, "env": environment(), "args": {k: v for k, v in vars(args).items()
+                                                                                if k != "func"}}
+    write_report(args.out, "spec", result, table)
+    return result
+
+
+def _batch_study(llm, method, args) -> list[dict]:
+    from specache import SamplingParams
+
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0)
+    tok = llm.tokenizer
+    grounded = [_chat(tok, t, p) for t in GROUNDED for p in TASKS[t]]
+    out = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        prompts = (grounded * (b // len(grounded) + 1))[:b]
+        r = _time_ours(llm, prompts, params, args.repeats)
+        out.append({"method": method, "batch": b, "tok/s": r["tok/s"]})
+    return out
+
+
+def _transformers_rows(model_dir, draft_dir, args, plain_tps) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    from specache.config import DTYPES
+    from specache.models.tokenizer import Tokenizer
+
+    dtype = DTYPES[args.dtype]
+    target = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    assistant = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=dtype).eval()
+    tok = Tokenizer.from_dir(model_dir, [])  # the same prompt ids as our rows
+    variants = {"transformers plain": {}, "transformers prompt_lookup": {"prompt_lookup_num_tokens": 4},
+                "transformers assistant_model": {"assistant_model": assistant}}
+    rows = []
+    for name, kwargs in variants.items():
+        for task, prompts in TASKS.items():
+            times, n = [], 0
+            for p in prompts:
+                ids = torch.tensor([_chat(tok, task, p)])
+                with Timer() as t, torch.inference_mode():
+                    out = target.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=2,
+                                          **kwargs)
+                times.append(t.s)
+                n += out.shape[1] - ids.shape[1]
+            tps = n / sum(times)
+            rows.append({"method": name, "task": task, "temperature": 0.0, "tok/s": tps,
+                         "speedup": tps / plain_tps[(task, 0.0)]})
+    return rows
