@@ -36,12 +36,12 @@ class Engine:
         self.model = LlamaModel(mc, loaded.weights, config.torch_dtype, self.device, config.weight_format)
         self.max_model_len = min(config.max_model_len or min(mc.max_position_embeddings, 8192),
                                  mc.max_position_embeddings)
-        num_blocks = num_blocks_for_budget(mc, config.kv_cache_bytes, config.block_size, config.torch_dtype)
+        num_blocks = num_blocks_for_budget(mc, config.kv_cache_bytes, config.block_size, config.torch_kv_dtype)
         if num_blocks < 1:
             raise PromptTooLongError(f"kv_cache_memory={config.kv_cache_memory} holds no block; raise it")
         self.pool = BlockPool(num_blocks, config.block_size)
         self.cache = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
-                             config.torch_dtype, self.device)
+                             config.torch_kv_dtype, self.device)
         self.prefix_cache = None
         if config.enable_prefix_caching:
             from specache.prefix.radix import RadixCache

@@ -8,7 +8,7 @@ import torch
 
 from specache.engine.sequence import Sequence
 from specache.kv.cache import KVCache
-from specache.models.llama import AttentionMetadata, LlamaModel
+from specache.models.llama import AttentionMetadata, LlamaModel, SeqAttention
 
 
 @dataclass
@@ -20,50 +20,44 @@ class BatchItem:
     num_draft: int = 0  # trailing draft tokens (speculative verification)
 
 
+def _slots(block_table: list[int], length: int, block_size: int) -> torch.Tensor | slice:
+    """Flat cache slots of positions 0 .. length - 1: a slice when the blocks are one contiguous run
+    (attention then reads a view, no copy), else an index tensor."""
+    used = block_table[: -(-length // block_size)]
+    first = used[0]
+    if used[-1] - first == len(used) - 1 and used == list(range(first, first + len(used))):
+        return slice(first * block_size, first * block_size + length)
+    blocks = torch.tensor(used, dtype=torch.long)
+    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:length]
+
+
+def _new_slots(slots: torch.Tensor | slice, start: int) -> torch.Tensor:
+    if isinstance(slots, slice):
+        return torch.arange(slots.start + start, slots.stop)
+    return slots[start:]
+
+
 def build_metadata(items: list[BatchItem], block_size: int, device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
     """(input_ids, positions, attention metadata, logits_indices) for a list of items."""
-    q_lens = [len(it.token_ids) for it in items]
-    q_max = max(q_lens)
-    ends = [it.start + n for it, n in zip(items, q_lens, strict=True)]
-    nb = max(-(-e // block_size) for e in ends)
-    batch = len(items)
-    tables = torch.zeros(batch, nb, dtype=torch.long)
-    positions, slots, logits_idx, q_index = [], [], [], []
+    positions, new_slots, logits_idx, seqs = [], [], [], []
     offset = 0
-    for b, it in enumerate(items):
-        bt = torch.tensor(it.seq.block_table[:nb], dtype=torch.long)
-        tables[b, : len(bt)] = bt
-        pos = torch.arange(it.start, it.start + q_lens[b])
-        positions.append(pos)
-        slots.append(bt[pos // block_size] * block_size + pos % block_size)
-        q_index.append(torch.arange(q_lens[b]) + b * q_max)
-        logits_idx.extend(range(offset + q_lens[b] - it.num_logits, offset + q_lens[b]))
-        offset += q_lens[b]
-    positions_t = torch.cat(positions)
-    mask = None
-    kv_len = ends[0] if batch == 1 else None  # one sequence: slice its keys, no padding to mask
-    causal = batch == 1 and items[0].start == 0 and q_max > 1
-    if not (batch == 1 and q_max == 1) and not causal:
-        qpos = torch.zeros(batch, q_max, dtype=torch.long)
-        for b, it in enumerate(items):
-            qpos[b, : q_lens[b]] = torch.arange(it.start, ends[b])
-        # Causal over absolute positions; padding query rows see only slot 0 (never NaN).
-        cols = torch.arange(kv_len or nb * block_size)
-        mask = (cols[None, None, :] <= qpos[:, :, None]).unsqueeze(1).to(device)
-    uniform = all(n == q_max for n in q_lens)
-    meta = AttentionMetadata(
-        slot_mapping=torch.cat(slots).to(device),
-        block_tables=tables.to(device),
-        mask=mask,
-        q_index=None if uniform else torch.cat(q_index).to(device),
-        batch=batch,
-        q_max=q_max,
-        kv_len=kv_len,
-        causal=causal,
-    )
+    for it in items:
+        n = len(it.token_ids)
+        end = it.start + n
+        slots = _slots(it.seq.block_table, end, block_size)
+        mask = None
+        if it.start > 0 and n > 1:  # a chunk after cached tokens: causal with an offset
+            mask = (torch.arange(end)[None, :] <= torch.arange(it.start, end)[:, None]).to(device)
+        seqs.append(SeqAttention(offset, n, slots if isinstance(slots, slice) else slots.to(device), mask))
+        positions.append(torch.arange(it.start, end))
+        new_slots.append(_new_slots(slots, it.start))
+        logits_idx.extend(range(offset + n - it.num_logits, offset + n))
+        offset += n
+    meta = AttentionMetadata(slot_mapping=torch.cat(new_slots).to(device), seqs=seqs)
     input_ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.long, device=device)
-    return input_ids, positions_t.to(device), meta, torch.tensor(logits_idx, dtype=torch.long, device=device)
+    return (input_ids, torch.cat(positions).to(device), meta,
+            torch.tensor(logits_idx, dtype=torch.long, device=device))
 
 
 class ModelRunner:

@@ -116,7 +116,7 @@ class Scheduler:
             return True
         if not self._make_room(need):
             return False
-        seq.block_table.extend(self.pool.allocate(need))
+        seq.block_table.extend(self.pool.allocate(need, after=seq.block_table[-1] if seq.block_table else None))
         return True
 
     # -------------------------------------------------------------- the step

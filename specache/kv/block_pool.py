@@ -7,7 +7,7 @@ caches. A block returns to the free list when its last reference is dropped.
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
 
 class OutOfBlocksError(RuntimeError):
@@ -20,7 +20,11 @@ class BlockPool:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        # Free ids in a min-heap (lazy deletion) plus a set: fresh allocations come out in
+        # ascending order and a growing sequence can ask for the block right after its last one,
+        # so most block tables are contiguous runs that attention can read without a gather.
+        self._heap: list[int] = list(range(num_blocks))
+        self._free: set[int] = set(self._heap)
         self._ref = [0] * num_blocks
 
     @property
@@ -40,11 +44,24 @@ class BlockPool:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate(self, n: int) -> list[int]:
-        """Take ``n`` free blocks with reference count 1, or raise without taking any."""
+    def allocate(self, n: int, after: int | None = None) -> list[int]:
+        """Take ``n`` free blocks with reference count 1, or raise without taking any.
+
+        With ``after``, blocks after+1, after+2, ... are preferred while they are free.
+        """
         if n > len(self._free):
             raise OutOfBlocksError(f"need {n} blocks, {len(self._free)} free")
-        ids = [self._free.popleft() for _ in range(n)]
+        ids: list[int] = []
+        nxt = after + 1 if after is not None else None
+        while nxt is not None and len(ids) < n and nxt in self._free:
+            ids.append(nxt)
+            self._free.discard(nxt)
+            nxt += 1
+        while len(ids) < n:
+            b = heapq.heappop(self._heap)
+            if b in self._free:  # skip ids taken through `after` (lazy deletion)
+                self._free.discard(b)
+                ids.append(b)
         for b in ids:
             self._ref[b] = 1
         return ids
@@ -62,4 +79,5 @@ class BlockPool:
                 raise AssertionError(f"double free of block {b}")
             self._ref[b] -= 1
             if self._ref[b] == 0:
-                self._free.append(b)
+                self._free.add(b)
+                heapq.heappush(self._heap, b)

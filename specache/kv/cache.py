@@ -31,6 +31,12 @@ class KVCache:
         v = self.v[layer][block_tables].view(b, nb * self.block_size, *self.v.shape[-2:])
         return k, v
 
+    def gather_slots(self, layer: int, slots: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the given flat slots: [len, kv_heads, head_dim] each (a view for a slice)."""
+        if isinstance(slots, slice):
+            return self._k_slots[layer][slots], self._v_slots[layer][slots]
+        return self._k_slots[layer].index_select(0, slots), self._v_slots[layer].index_select(0, slots)
+
     def read_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """All layers of some blocks (for persistence / the CPU tier): [L, n, bs, kvh, hd] each."""
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)

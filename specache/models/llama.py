@@ -17,21 +17,26 @@ from specache.models.config import ModelConfig
 
 
 @dataclass
-class AttentionMetadata:
-    """Where each new token's K/V goes and which cached blocks each sequence attends to.
+class SeqAttention:
+    """One sequence's share of a step: its queries and every cache slot it attends to."""
 
-    Tokens of the batch are flat [T]; attention runs padded: [B, Qmax] queries against
-    [B, NB * block_size] gathered keys with a boolean mask (True = attend).
+    q_start: int  # offset of its first new token in the flat batch
+    q_len: int
+    slots: torch.Tensor | slice  # flat cache slots of positions 0 .. kv_len - 1 (slice: contiguous)
+    mask: torch.Tensor | None  # [q_len, kv_len] when a chunk continues a cached prefix, else None
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each new token's K/V goes and what each sequence attends to.
+
+    Attention runs per sequence on exactly its own slots: no padding to the longest sequence
+    and no mask in the common cases (decode, prefill from position 0). Measured here, a
+    padded masked batch spent ~60% of a 16-sequence decode step inside SDPA.
     """
 
     slot_mapping: torch.Tensor  # [T] flat slot index for each new token
-    block_tables: torch.Tensor  # [B, NB] block ids (padded with 0)
-    mask: torch.Tensor | None  # [B, 1, Qmax, NB*bs] or None (single sequence, single token)
-    q_index: torch.Tensor | None  # [T] position of each flat token in the [B*Qmax] padded grid
-    batch: int
-    q_max: int
-    kv_len: int | None = None  # single sequence: attend to the first kv_len gathered slots only
-    causal: bool = False  # single sequence from position 0: SDPA's own causal kernel, no mask
+    seqs: list[SeqAttention]
 
 
 WEIGHT_FORMATS = ("dense", "int8", "hybrid")
@@ -144,22 +149,17 @@ class LlamaModel:
         q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
         cache.write(layer, meta.slot_mapping, k, v.view(-1, c.num_kv_heads, c.head_dim))
-        keys, values = cache.gather(layer, meta.block_tables)
-        if meta.kv_len is not None:
-            keys, values = keys[:, : meta.kv_len], values[:, : meta.kv_len]
-        if meta.q_index is None:
-            qp = q.view(meta.batch, meta.q_max, c.num_heads, c.head_dim)
-        else:
-            qp = q.new_zeros(meta.batch * meta.q_max, c.num_heads, c.head_dim)
-            qp[meta.q_index] = q
-            qp = qp.view(meta.batch, meta.q_max, c.num_heads, c.head_dim)
-        out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
-            attn_mask=meta.mask, is_causal=meta.causal, enable_gqa=c.num_heads != c.num_kv_heads,
-        )
-        out = out.transpose(1, 2).reshape(meta.batch * meta.q_max, self.q_size)
-        if meta.q_index is not None:
-            out = out[meta.q_index]
+        gqa = c.num_heads != c.num_kv_heads
+        outs = []
+        for sa in meta.seqs:
+            keys, values = cache.gather_slots(layer, sa.slots)  # [L, nkv, hd]
+            # Attention runs in the cache's dtype: on CPU an fp32 cache makes SDPA 2-3x faster than bf16.
+            qs = q[sa.q_start: sa.q_start + sa.q_len].transpose(0, 1).unsqueeze(0).to(keys.dtype)  # [1, nh, q, hd]
+            o = F.scaled_dot_product_attention(
+                qs, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+                attn_mask=sa.mask, is_causal=sa.mask is None and sa.q_len > 1, enable_gqa=gqa)
+            outs.append(o[0].transpose(0, 1).reshape(sa.q_len, self.q_size))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return lw.o(out.to(x.dtype)).to(x.dtype)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

@@ -48,8 +48,9 @@ class MiniLMEmbedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
         with self._lock, torch.inference_mode():
-            enc = self._tok(texts, padding=True, truncation=True, max_length=self._max_length,
-                            return_tensors="pt")
+            enc = self._tok(
+                texts, padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
+            )
             out = self._model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
             pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -9,103 +9,189 @@ costs one generation, a served near-miss costs a wrong answer.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-_TOKEN = re.compile(r"[£$€¥]?\d+(?:[.,]\d+)*(?:k|m|bn|%)?|[A-Za-z][A-Za-z0-9_]*(?:[.'’-][A-Za-z0-9_]+)*\(?\)?")
-_NUMBER = re.compile(r"(?<![A-Za-z])[£$€¥]?(\d+(?:,\d{3})*(?:\.\d+)?)(k|m|bn)?\b", re.IGNORECASE)
+from specache.response_cache.guard_lexicon import ANTONYMS, STOP
+
+if TYPE_CHECKING:
+    from specache.response_cache.embed import Embedder
+
+_TOKEN = re.compile(
+    r"[£$€¥]?\d+(?:[.,]\d+)*(?:k|m|bn|%|s)?|[A-Za-z][A-Za-z0-9_]*(?:[.'’][A-Za-z0-9_]+)*\(?\)?"
+)
+_NUMBER = re.compile(r"(?<![A-Za-z])[£$€¥]?(\d+(?:,\d{3})*(?:\.\d+)?)(k|m|bn|s)?\b", re.IGNORECASE)
 _NUMBER_WORDS = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
-    "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "fifteen": 15, "twenty": 20, "thirty": 30,
-    "forty": 40, "fifty": 50, "hundred": 100, "thousand": 1000, "million": 1e6, "billion": 1e9,
-    "dozen": 12, "half": 0.5, "twice": 2, "double": 2, "triple": 3,
+    "zero": 0,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+    "eleven": 11,
+    "twelve": 12,
+    "fifteen": 15,
+    "twenty": 20,
+    "thirty": 30,
+    "forty": 40,
+    "fifty": 50,
+    "hundred": 100,
+    "thousand": 1000,
+    "million": 1e6,
+    "billion": 1e9,
+    "dozen": 12,
 }
-_SCALE = {"k": 1e3, "m": 1e6, "bn": 1e9}
-_CURRENCY = {"£": "gbp", "$": "usd", "€": "eur", "¥": "jpy", "pounds": "gbp", "pound": "gbp", "gbp": "gbp",
-             "dollars": "usd", "dollar": "usd", "usd": "usd", "euros": "eur", "euro": "eur", "eur": "eur",
-             "yen": "jpy", "jpy": "jpy", "rupees": "inr", "inr": "inr"}
-_MONTHS = {m[:3]: m for m in ("january", "february", "march", "april", "june", "july", "august",
-                               "september", "october", "november", "december")}
-_DAYS = {"monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "today", "tomorrow",
-         "yesterday", "tonight", "weekend", "weekday", "weekdays", "morning", "afternoon", "evening", "night"}
-_RELATIVE = re.compile(r"\b(next|last|previous|this|coming|past)\s+(week|month|year|quarter|decade|century)\b")
-_NEGATORS = {"not", "no", "never", "none", "nobody", "nothing", "neither", "nor", "cannot", "without",
-             "nowhere", "non"}
+_SCALE = {"k": 1e3, "m": 1e6, "bn": 1e9, "s": 1.0001}  # "1920s": a decade, not the year
+_CURRENCY = {
+    "£": "gbp",
+    "$": "usd",
+    "€": "eur",
+    "¥": "jpy",
+    "pounds": "gbp",
+    "pound": "gbp",
+    "gbp": "gbp",
+    "dollars": "usd",
+    "dollar": "usd",
+    "usd": "usd",
+    "euros": "eur",
+    "euro": "eur",
+    "eur": "eur",
+    "yen": "jpy",
+    "jpy": "jpy",
+    "rupees": "inr",
+    "inr": "inr",
+}
+_MONTHS = {
+    m[:3]: m
+    for m in (
+        "january",
+        "february",
+        "march",
+        "april",
+        "june",
+        "july",
+        "august",
+        "september",
+        "october",
+        "november",
+        "december",
+    )
+}
+_DAYS = {
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+    "today",
+    "tomorrow",
+    "yesterday",
+    "tonight",
+    "weekend",
+    "weekday",
+    "weekdays",
+}
+_RELATIVE = re.compile(
+    r"\b(next|last|previous|this|coming|past)\s+(week|month|year|quarter|decade|century)\b"
+)
+_NEGATORS = {
+    "not",
+    "no",
+    "never",
+    "none",
+    "nobody",
+    "nothing",
+    "neither",
+    "nor",
+    "cannot",
+    "without",
+    "nowhere",
+    "non",
+}
 _NEG_PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non", "non-", "anti", "de", "mis")
 _SCOPE = {
-    "all": "universal", "every": "universal", "each": "universal", "everything": "universal",
-    "everyone": "universal", "always": "universal", "entire": "universal", "whole": "universal",
-    "only": "restrictive", "solely": "restrictive", "exclusively": "restrictive",
-    "except": "exclusive", "excluding": "exclusive", "besides": "exclusive",
-    "some": "partial", "several": "partial", "partially": "partial", "sometimes": "partial",
-    "few": "partial", "most": "majority", "majority": "majority", "mostly": "majority",
-    "any": "existential", "either": "choice", "both": "both",
+    "all": "universal",
+    "every": "universal",
+    "each": "distributive",
+    "per": "distributive",
+    "everything": "universal",
+    "everyone": "universal",
+    "always": "universal",
+    "entire": "universal",
+    "whole": "universal",
+    "only": "restrictive",
+    "solely": "restrictive",
+    "exclusively": "restrictive",
+    "except": "exclusive",
+    "excluding": "exclusive",
+    "besides": "exclusive",
+    "some": "partial",
+    "several": "partial",
+    "partially": "partial",
+    "sometimes": "partial",
+    "few": "partial",
+    "most": "majority",
+    "majority": "majority",
+    "mostly": "majority",
+    "any": "existential",
+    "either": "choice",
+    "both": "both",
 }
 _SCOPE_PHRASES = re.compile(r"\b(other than|apart from|aside from|but not|with the exception of)\b")
 _CMP_NUMBER = re.compile(
     r"\b(over|above|more than|greater than|higher than|exceeding|at least|minimum of|under|below|less than|"
     r"fewer than|lower than|at most|up to|no more than|maximum of|within|beyond|after|before|since|until)\s+"
-    r"(?:the\s+)?[£$€¥]?\d", re.IGNORECASE)
-_CMP_CLASS = {"over": "gt", "above": "gt", "more than": "gt", "greater than": "gt", "higher than": "gt",
-              "exceeding": "gt", "at least": "gt", "minimum of": "gt", "beyond": "gt", "after": "after",
-              "since": "after", "under": "lt", "below": "lt", "less than": "lt", "fewer than": "lt",
-              "lower than": "lt", "at most": "lt", "up to": "lt", "no more than": "lt", "maximum of": "lt",
-              "within": "lt", "before": "before", "until": "before"}
-_ANTONYMS = [
-    ("increase", "decrease"), ("increase", "reduce"), ("raise", "lower"), ("high", "low"), ("higher", "lower"),
-    ("highest", "lowest"), ("more", "less"), ("more", "fewer"), ("most", "least"), ("maximum", "minimum"),
-    ("max", "min"), ("before", "after"), ("buy", "sell"), ("buying", "selling"), ("import", "export"),
-    ("upload", "download"), ("encrypt", "decrypt"), ("enable", "disable"), ("open", "close"), ("start", "stop"),
-    ("win", "lose"), ("hot", "cold"), ("warm", "cool"), ("cheap", "expensive"), ("best", "worst"),
-    ("better", "worse"), ("first", "last"), ("early", "late"), ("earliest", "latest"), ("fast", "slow"),
-    ("faster", "slower"), ("fastest", "slowest"), ("big", "small"), ("bigger", "smaller"),
-    ("biggest", "smallest"), ("large", "small"), ("larger", "smaller"), ("largest", "smallest"),
-    ("long", "short"), ("longer", "shorter"), ("old", "new"), ("older", "newer"), ("oldest", "newest"),
-    ("heavy", "light"), ("strong", "weak"), ("up", "down"), ("add", "remove"), ("include", "exclude"),
-    ("inside", "outside"), ("input", "output"), ("push", "pull"), ("send", "receive"), ("accept", "reject"),
-    ("allow", "deny"), ("allow", "block"), ("pro", "con"), ("advantage", "disadvantage"), ("benefit", "risk"),
-    ("true", "false"), ("positive", "negative"), ("left", "right"), ("north", "south"), ("east", "west"),
-    ("male", "female"), ("men", "women"), ("man", "woman"), ("boy", "girl"), ("day", "night"),
-    ("summer", "winter"), ("spring", "autumn"), ("morning", "evening"), ("lend", "borrow"),
-    ("deposit", "withdraw"), ("credit", "debit"), ("ascending", "descending"), ("gain", "lose"),
-    ("profit", "loss"), ("rise", "fall"), ("join", "leave"), ("connect", "disconnect"), ("install", "uninstall"),
-    ("lock", "unlock"), ("compress", "decompress"), ("encode", "decode"), ("serialize", "deserialize"),
-    ("above", "below"), ("over", "under"), ("safe", "dangerous"), ("hire", "fire"), ("arrive", "depart"),
-    ("arrival", "departure"), ("inbound", "outbound"), ("incoming", "outgoing"), ("client", "server"),
-    ("import", "exporting"), ("sender", "recipient"), ("parent", "child"), ("debtor", "creditor"),
-    ("buyer", "seller"), ("landlord", "tenant"), ("employer", "employee"), ("wet", "dry"), ("full", "empty"),
-    ("easy", "hard"), ("easy", "difficult"), ("hardest", "easiest"), ("rich", "poor"), ("thick", "thin"),
-    ("wide", "narrow"), ("deep", "shallow"), ("loud", "quiet"), ("pass", "fail"), ("success", "failure"),
-    ("legal", "illegal"), ("vegan", "vegetarian"), ("cat", "dog"), ("cats", "dogs"), ("sweet", "savory"),
-    ("raw", "cooked"), ("public", "private"), ("internal", "external"), ("local", "remote"), ("min", "hour"),
-    ("minutes", "hours"), ("days", "weeks"), ("weeks", "months"), ("months", "years"), ("daily", "weekly"),
-    ("weekly", "monthly"), ("monthly", "yearly"), ("annual", "monthly"), ("gross", "net"), ("debit", "credit"),
-    ("overweight", "underweight"), ("overestimate", "underestimate"), ("boil", "freeze"), ("adult", "child"),
-    ("adults", "children"), ("beginner", "expert"), ("beginners", "experts"), ("front", "back"),
-    ("top", "bottom"), ("dark", "light"), ("mean", "median"), ("sync", "async"), ("synchronous", "asynchronous"),
-]
-_ANTONYM_SET = {frozenset(p) for p in _ANTONYMS}
+    r"(?:the\s+)?[£$€¥]?\d",
+    re.IGNORECASE,
+)
+_CMP_CLASS = {
+    "over": "gt",
+    "above": "gt",
+    "more than": "gt",
+    "greater than": "gt",
+    "higher than": "gt",
+    "exceeding": "gt",
+    "at least": "gt",
+    "minimum of": "gt",
+    "beyond": "gt",
+    "after": "after",
+    "since": "after",
+    "under": "lt",
+    "below": "lt",
+    "less than": "lt",
+    "fewer than": "lt",
+    "lower than": "lt",
+    "at most": "lt",
+    "up to": "lt",
+    "no more than": "lt",
+    "maximum of": "lt",
+    "within": "lt",
+    "before": "before",
+    "until": "before",
+}
+_ANTONYM_SET = {frozenset(p) for p in ANTONYMS}
 _ROLE_PREPS = {"from", "to", "into", "than", "onto", "towards", "toward", "versus"}
 _ASYM_ROLE = {"from", "to", "into", "than", "onto", "towards", "toward"}
 _SYMMETRIC = {"and", "or", "vs", "vs.", "versus", "&", "with", "between", ",", "compared", "the", "a", "an"}
-_STOP = {
-    "a", "an", "the", "is", "are", "was", "were", "be", "been", "being", "am", "do", "does", "did", "doing",
-    "i", "me", "my", "mine", "we", "our", "you", "your", "it", "its", "they", "them", "their", "he", "she",
-    "his", "her", "this", "that", "these", "those", "what", "which", "who", "whom", "whose", "how", "why",
-    "when", "where", "can", "could", "should", "would", "will", "shall", "may", "might", "must", "of", "in",
-    "on", "at", "for", "by", "with", "about", "as", "from", "to", "into", "than", "onto", "and", "or", "if",
-    "so", "there", "here", "please", "tell", "explain", "give", "way", "ways", "best", "good", "get", "some",
-    "any", "anything", "something", "s", "t", "vs", "versus", "between", "up", "out", "just", "really",
-    "very", "also", "too", "one", "use", "using", "used", "need", "want", "have", "has", "had", "make", "know",
-    "towards", "toward", "over", "under", "after", "before", "per", "via", "it's", "i'm", "whats", "what's",
-}
 _FORCED_ENTITY = re.compile(r"[A-Za-z]+\d[\w.-]*|\w+[._]\w[\w.]*(?:\(\))?|\w+\(\)")
 
 
 def _tokens(text: str) -> list[str]:
-    return [t.lower().replace("’", "'") for t in _TOKEN.findall(text)]
+    out = []
+    for t in _TOKEN.findall(text):
+        t = t.lower().replace("’", "'")
+        out.append(t[:-2] if t.endswith("'s") else t)  # possessive: "Australia's" is "Australia"
+    return out
 
 
 def _lemma(word: str) -> str:
@@ -140,7 +226,7 @@ def check_numbers(a: str, b: str) -> str | None:
 
 def _dates(text: str) -> set[str]:
     out = set()
-    for i, tok in enumerate(_tokens(text)):
+    for tok in _tokens(text):
         if tok in _DAYS:
             out.add(tok)
         elif tok[:3] in _MONTHS and (tok == _MONTHS[tok[:3]] or len(tok) == 3 or tok == "sept"):
@@ -189,6 +275,7 @@ def _only(a: str, b: str) -> tuple[set[str], set[str]]:
 
 def check_antonyms(a: str, b: str) -> str | None:
     only_a, only_b = _only(a, b)
+    only_a, only_b = only_a | {_base(t) for t in only_a}, only_b | {_base(t) for t in only_b}
     for x in only_a:
         for y in only_b:
             if frozenset((x, y)) in _ANTONYM_SET:
@@ -201,19 +288,92 @@ def _cmp_signature(text: str) -> list[str]:
 
 
 def check_comparatives(a: str, b: str) -> str | None:
-    if _cmp_signature(a) != _cmp_signature(b):
-        return "comparative"
-    ca = {t for t in _tokens(a) if _is_comparative(t)}
-    cb = {t for t in _tokens(b) if _is_comparative(t)}
-    return "comparative" if ca != cb else None
+    """'over £50' vs 'under £50'. Different comparative words alone are not vetoed: 'largest' and
+    'biggest' are paraphrases; opposite ones are caught by check_antonyms on their base forms."""
+    return "comparative" if _cmp_signature(a) != _cmp_signature(b) else None
 
 
 _COMPARATIVE_WORDS = {"better", "best", "worse", "worst", "more", "most", "less", "least", "fewer", "fewest"}
-_ADJ_STEMS = {"fast", "slow", "cheap", "big", "small", "larg", "long", "short", "old", "new", "high", "low",
-              "strong", "weak", "heavy", "light", "easi", "hard", "safe", "quick", "hot", "cold", "warm", "cool",
-              "great", "young", "rich", "poor", "thick", "thin", "wide", "narrow", "deep", "shallow", "loud",
-              "quiet", "clean", "dark", "bright", "tall", "near", "far", "early", "earli", "late", "lat", "healthi",
-              "smart", "simpl", "clos", "tight", "loos", "fin", "nic", "safer", "wis", "sweet", "soft"}
+_ADJ_STEMS = {
+    "fast",
+    "slow",
+    "cheap",
+    "big",
+    "small",
+    "larg",
+    "long",
+    "short",
+    "old",
+    "new",
+    "high",
+    "low",
+    "strong",
+    "weak",
+    "heavy",
+    "light",
+    "easi",
+    "hard",
+    "safe",
+    "quick",
+    "hot",
+    "cold",
+    "warm",
+    "cool",
+    "great",
+    "young",
+    "rich",
+    "poor",
+    "thick",
+    "thin",
+    "wide",
+    "narrow",
+    "deep",
+    "shallow",
+    "loud",
+    "quiet",
+    "clean",
+    "dark",
+    "bright",
+    "tall",
+    "near",
+    "far",
+    "early",
+    "earli",
+    "late",
+    "lat",
+    "healthi",
+    "smart",
+    "simpl",
+    "clos",
+    "tight",
+    "loos",
+    "fin",
+    "nic",
+    "safer",
+    "wis",
+    "sweet",
+    "soft",
+    "heavi",
+}
+
+
+def _base(tok: str) -> str:
+    """'cheapest' -> 'cheap', 'bigger' -> 'big' (for the antonym table)."""
+    for suffix in ("est", "er"):
+        if tok.endswith(suffix) and len(tok) > len(suffix) + 2:
+            stem = tok[: -len(suffix)]
+            if len(stem) > 2 and stem[-1] == stem[-2]:
+                stem = stem[:-1]
+            if stem in _ADJ_STEMS:
+                return {
+                    "easi": "easy",
+                    "larg": "large",
+                    "earli": "early",
+                    "lat": "late",
+                    "heavi": "heavy",
+                    "healthi": "healthy",
+                }.get(stem, stem)
+    return tok
 
 
 def _is_comparative(tok: str) -> bool:
@@ -241,7 +401,7 @@ def check_scope(a: str, b: str) -> str | None:
 def _content_positions(toks: list[str]) -> dict[str, list[int]]:
     pos: dict[str, list[int]] = {}
     for i, t in enumerate(toks):
-        if t not in _STOP and not t.isdigit():
+        if t not in STOP:
             pos.setdefault(_lemma(t), []).append(i)
     return pos
 
@@ -252,7 +412,13 @@ def _roles(toks: list[str], pos: dict[str, list[int]]) -> dict[str, set[str]]:
     for word, idxs in pos.items():
         for i in idxs:
             j = i - 1
-            while j >= 0 and i - j <= 3 and toks[j] in _STOP and toks[j] not in _ROLE_PREPS:
+            # Walk back over function words; a number may also skip its noun ("from Windows 10").
+            while (
+                j >= 0
+                and i - j <= 3
+                and toks[j] not in _ROLE_PREPS
+                and (toks[j] in STOP or (toks[i][0].isdigit() and i - j == 1))
+            ):
                 j -= 1
             if j >= 0 and toks[j] in _ROLE_PREPS:
                 roles.setdefault(word, set()).add(toks[j])
@@ -283,19 +449,18 @@ def check_order(a: str, b: str) -> str | None:
 
 
 def _entities(text: str) -> set[str]:
-    words = re.findall(r"[A-Za-z][\w'-]*", text)
     out = set()
     sentence_start = True
     for w in re.findall(r"[A-Za-z][\w'-]*|[.?!]", text):
         if w in ".?!":
             sentence_start = True
             continue
-        if (w[0].isupper() and not sentence_start and w != "I") or (len(w) > 1 and w.isupper()):
-            out.add(w.lower())
+        if len(w) > 1 and ((w[0].isupper() and not sentence_start) or w.isupper()):
+            out.add(_tokens(w)[0] if _tokens(w) else w.lower())
         sentence_start = False
     out.update(m.lower() for m in _FORCED_ENTITY.findall(text))
-    out.update(q.lower() for q in re.findall(r"[\"'“‘`]([^\"'”’`]{1,60})[\"'”’`]", text))
-    del words
+    quoted = r"(?:^|(?<=\s))[\"'“‘`]([^\"'”’`]{1,60})[\"'”’`](?=\W|$)"
+    out.update(_tokens(q)[0] if len(_tokens(q)) == 1 else q.lower() for q in re.findall(quoted, text))
     return out
 
 
@@ -314,8 +479,14 @@ def _lemma_text(text: str) -> set[str]:
 
 
 CHECKS: tuple[Callable[[str, str], str | None], ...] = (
-    check_numbers, check_dates, check_negation, check_antonyms, check_comparatives, check_scope,
-    check_order, check_entities,
+    check_numbers,
+    check_dates,
+    check_negation,
+    check_antonyms,
+    check_comparatives,
+    check_scope,
+    check_order,
+    check_entities,
 )
 
 
@@ -325,11 +496,63 @@ class GuardVerdict:
     reason: str | None = None
 
 
-class Guard:
-    """Runs every check; the first failing one names the rejection reason (counted in stats)."""
+def substituted_words(a: str, b: str) -> tuple[list[str], list[str]] | None:
+    """The content words swapped when b is a with one or two words replaced in place, else None.
 
-    def __init__(self, checks: tuple[Callable[[str, str], str | None], ...] = CHECKS):
+    'delete a branch in git' -> 'rename a branch in git' gives (['delete'], ['rename']). Real
+    paraphrases rarely keep the whole frame and swap one word, so only that shape is checked."""
+    ta, tb = [_lemma(t) for t in _tokens(a)], [_lemma(t) for t in _tokens(b)]
+    ops = [op for op in difflib.SequenceMatcher(a=ta, b=tb, autojunk=False).get_opcodes() if op[0] != "equal"]
+    same = sum(
+        i2 - i1
+        for tag, i1, i2, _, _ in difflib.SequenceMatcher(a=ta, b=tb, autojunk=False).get_opcodes()
+        if tag == "equal"
+    )
+    if len(ops) != 1 or ops[0][0] != "replace" or same < 0.6 * max(len(ta), len(tb)):
+        return None
+    _, i1, i2, j1, j2 = ops[0]
+    only_a = [t for t in ta[i1:i2] if t not in STOP and not t[0].isdigit()]
+    only_b = [t for t in tb[j1:j2] if t not in STOP and not t[0].isdigit()]
+    if not only_a or not only_b or len(only_a) > 2 or len(only_b) > 2:
+        return None
+    return only_a, only_b
+
+
+class Guard:
+    """Runs every check; the first failing one names the rejection reason (counted in stats).
+
+    With an embedder, one more check: in a near-identical frame where one or two content words
+    were replaced, each replaced word must be close in meaning (word-embedding cosine >=
+    word_threshold) to a replacement: 'fix'->'repair' passes, 'delete'->'rename', 'purr'->'hiss'
+    do not. Sentence embeddings rate such pairs 0.7-0.9 because the frame dominates.
+    """
+
+    def __init__(
+        self,
+        checks: tuple[Callable[[str, str], str | None], ...] = CHECKS,
+        embedder: Embedder | None = None,
+        word_threshold: float = 0.6,
+    ):
         self.checks = checks
+        self.embedder = embedder
+        self.word_threshold = word_threshold
+        self._word_vecs: dict[str, object] = {}
+
+    def check_substitution(self, a: str, b: str) -> str | None:
+        swap = substituted_words(a, b)
+        if swap is None or self.embedder is None:
+            return None
+        only_a, only_b = swap
+        missing = [w for w in only_a + only_b if w not in self._word_vecs]
+        if missing:
+            if len(self._word_vecs) > 50_000:  # bound memory; the vocabulary of live queries is open-ended
+                self._word_vecs.clear()
+            self._word_vecs.update(zip(missing, self.embedder.embed(missing), strict=True))
+        for x in only_a:
+            best = max(float(self._word_vecs[x] @ self._word_vecs[y]) for y in only_b)  # type: ignore[operator]
+            if best < self.word_threshold:
+                return "substitution"
+        return None
 
     def verify(self, cached: str, query: str) -> GuardVerdict:
         if " ".join(_tokens(cached)) == " ".join(_tokens(query)):
@@ -338,4 +561,5 @@ class Guard:
             reason = check(cached, query)
             if reason:
                 return GuardVerdict(False, reason)
-        return GuardVerdict(True)
+        reason = self.check_substitution(cached, query)
+        return GuardVerdict(False, reason) if reason else GuardVerdict(True)

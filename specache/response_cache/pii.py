@@ -22,7 +22,9 @@ _PHONE = re.compile(
     r"|\b0\d{2,4}[ .-]?\d{3,4}[ .-]?\d{3,4}\b"  # national trunk prefix: 07700 900123
 )
 _IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
-_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])|\b(?:[0-9A-Fa-f]{1,4}:)+:[0-9A-Fa-f:]*")
+_IPV6 = re.compile(
+    r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])|\b(?:[0-9A-Fa-f]{1,4}:)+:[0-9A-Fa-f:]*"
+)
 _SECRETS = re.compile(
     r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"  # OpenAI / Anthropic style keys
     r"|\bAKIA[0-9A-Z]{16}\b"  # AWS access key id

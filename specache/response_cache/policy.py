@@ -72,5 +72,9 @@ def decide(config: CacheConfig, req: CacheRequest) -> Decision:
         return bypass("time_sensitive")
     ttl = _ttl(config, req, tags, time_sensitive)
     # refresh: regenerate (no lookup) but overwrite the entry with the fresh answer.
-    return Decision(lookup=req.mode != "refresh", store=True, ttl_s=ttl,
-                    bypass_reason="refresh" if req.mode == "refresh" else None)
+    return Decision(
+        lookup=req.mode != "refresh",
+        store=True,
+        ttl_s=ttl,
+        bypass_reason="refresh" if req.mode == "refresh" else None,
+    )

@@ -51,7 +51,7 @@ class ModelProposer(Proposer):
         if need > self.pool.num_free:
             return False
         if need > 0:
-            st.block_table += self.pool.allocate(need)
+            st.block_table += self.pool.allocate(need, after=st.block_table[-1] if st.block_table else None)
         return True
 
     @torch.inference_mode()

@@ -64,8 +64,9 @@ class Store(ABC):
             self.put(e, now)
 
     @abstractmethod
-    def search(self, vector: np.ndarray, tenant: str, model: str, partition: str, k: int,
-               now: float) -> list[Candidate]:
+    def search(
+        self, vector: np.ndarray, tenant: str, model: str, partition: str, k: int, now: float
+    ) -> list[Candidate]:
         """Up to k live entries of exactly this tenant/model/partition, most similar first."""
 
     @abstractmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -31,14 +32,22 @@ _RETURN = ("entry_id", "prompt", "response", "metadata", "inserted_at", "updated
 
 
 class RedisStore(Store):
-    def __init__(self, url: str, dim: int, max_entries: int, max_bytes: int, namespace: str = "specache",
-                 timeout_s: float = 0.5):
+    def __init__(
+        self,
+        url: str,
+        dim: int,
+        max_entries: int,
+        max_bytes: int,
+        namespace: str = "specache",
+        timeout_s: float = 0.5,
+    ):
         self.dim = dim
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.ns = namespace
         self.index_name = f"{namespace}:idx"
-        self._r = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        # RESP2 replies: a flat FT.SEARCH array, whatever the client library defaults to.
+        self._r = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, protocol=2)
         self._index_ready = False
         try:
             self._ensure_index()
@@ -69,10 +78,30 @@ class RedisStore(Store):
             self._r.execute_command("FT.INFO", self.index_name)
         except redis.ResponseError:
             self._r.execute_command(
-                "FT.CREATE", self.index_name, "ON", "HASH", "PREFIX", "1", f"{self.ns}:entry:",
-                "SCHEMA", "tenant", "TAG", "model", "TAG", "partition", "TAG",
-                "prompt_vector", "VECTOR", "HNSW", "6", "TYPE", "FLOAT32", "DIM", str(self.dim),
-                "DISTANCE_METRIC", "COSINE",
+                "FT.CREATE",
+                self.index_name,
+                "ON",
+                "HASH",
+                "PREFIX",
+                "1",
+                f"{self.ns}:entry:",
+                "SCHEMA",
+                "tenant",
+                "TAG",
+                "model",
+                "TAG",
+                "partition",
+                "TAG",
+                "prompt_vector",
+                "VECTOR",
+                "HNSW",
+                "6",
+                "TYPE",
+                "FLOAT32",
+                "DIM",
+                str(self.dim),
+                "DISTANCE_METRIC",
+                "COSINE",
             )
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise StoreUnavailableError(f"Redis unavailable: {exc}") from exc
@@ -113,9 +142,15 @@ class RedisStore(Store):
         hkey = self._key(e.key)
         meta = {"tenant": e.tenant, "model": e.model, "tags": e.tags, "expires_at": e.expires_at}
         mapping: dict[str, Any] = {
-            "entry_id": e.key, "prompt": e.prompt, "response": e.payload_json(), "metadata": json.dumps(meta),
-            "inserted_at": e.created_at, "updated_at": now, "tenant": tag_hash(e.tenant),
-            "model": tag_hash(e.model), "partition": e.partition,
+            "entry_id": e.key,
+            "prompt": e.prompt,
+            "response": e.payload_json(),
+            "metadata": json.dumps(meta),
+            "inserted_at": e.created_at,
+            "updated_at": now,
+            "tenant": tag_hash(e.tenant),
+            "model": tag_hash(e.model),
+            "partition": e.partition,
         }
         if e.vector is not None:
             mapping["prompt_vector"] = np.asarray(e.vector, dtype=np.float32).tobytes()
@@ -129,16 +164,35 @@ class RedisStore(Store):
         pipe.zadd(f"{self.ns}:exp", {e.key: e.expires_at})
         pipe.hset(f"{self.ns}:sizes", e.key, size)
 
-    def search(self, vector: np.ndarray, tenant: str, model: str, partition: str, k: int,
-               now: float) -> list[Candidate]:
-        query = (f"(@tenant:{{{tag_hash(tenant)}}} @model:{{{tag_hash(model)}}} @partition:{{{partition}}})"
-                 f"=>[KNN {int(k)} @prompt_vector $vec AS dist]")
+    def search(
+        self, vector: np.ndarray, tenant: str, model: str, partition: str, k: int, now: float
+    ) -> list[Candidate]:
+        query = (
+            f"(@tenant:{{{tag_hash(tenant)}}} @model:{{{tag_hash(model)}}} @partition:{{{partition}}})"
+            f"=>[KNN {int(k)} @prompt_vector $vec AS dist]"
+        )
         blob = np.asarray(vector, dtype=np.float32).tobytes()
 
         def op() -> list[Candidate]:
             reply = self._r.execute_command(
-                "FT.SEARCH", self.index_name, query, "PARAMS", "2", "vec", blob, "SORTBY", "dist",
-                "RETURN", str(len(_RETURN)), *_RETURN, "LIMIT", "0", str(int(k)), "DIALECT", "2")
+                "FT.SEARCH",
+                self.index_name,
+                query,
+                "PARAMS",
+                "2",
+                "vec",
+                blob,
+                "SORTBY",
+                "dist",
+                "RETURN",
+                str(len(_RETURN)),
+                *_RETURN,
+                "LIMIT",
+                "0",
+                str(int(k)),
+                "DIALECT",
+                "2",
+            )
             return self._parse_search(reply, tenant, model, now)
 
         return self._call(op)
@@ -166,17 +220,32 @@ class RedisStore(Store):
     def clear(self) -> None:
         def op() -> None:
             keys = list(self._r.scan_iter(match=f"{self.ns}:*", count=1000))
-            for i in range(0, len(keys), 1000):
-                self._r.delete(*keys[i : i + 1000])
+            for i in range(0, len(keys), 100):  # small batches: each DEL also updates the HNSW index
+                self._r.delete(*keys[i : i + 100])
 
         self._call(op)
 
     def try_lock(self, name: str, owner: str, ttl_s: float, now: float) -> bool:
-        return bool(self._call(lambda: self._r.set(f"{self.ns}:lock:{name}", owner, nx=True,
-                                                   px=max(1, int(ttl_s * 1000)))))
+        return bool(
+            self._call(lambda: self._r.set(f"{self.ns}:lock:{name}", owner, nx=True, px=max(1, int(ttl_s * 1000))))
+        )
 
     def unlock(self, name: str, owner: str) -> None:
         self._call(lambda: self._r.eval(_UNLOCK, 1, f"{self.ns}:lock:{name}", owner))
+
+    def wait_indexed(self, timeout_s: float = 300.0) -> bool:
+        """Block until RediSearch has indexed every hash (it indexes in the background after bulk writes)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = self._call(lambda: self._r.execute_command("FT.INFO", self.index_name))
+            fields = {
+                info[i].decode() if isinstance(info[i], bytes) else info[i]: info[i + 1]
+                for i in range(0, len(info) - 1, 2)
+            }
+            if int(fields.get("indexing", 0)) == 0 and float(fields.get("percent_indexed", 1)) >= 1.0:
+                return True
+            time.sleep(0.1)
+        return False
 
     def close(self) -> None:
         try:
@@ -220,9 +289,15 @@ class RedisStore(Store):
     def _entry(fields: dict[str, Any], with_vector: bool) -> Entry:
         meta = json.loads(fields["metadata"])
         vec = fields.get("prompt_vector") if with_vector else None
-        return Entry(key=fields["entry_id"].decode(), tenant=meta["tenant"], model=meta["model"],
-                     partition=fields["partition"].decode() if "partition" in fields else "",
-                     prompt=fields["prompt"].decode(), response=json.loads(fields["response"]),
-                     expires_at=float(meta["expires_at"]), created_at=float(fields["inserted_at"]),
-                     vector=None if vec is None else np.frombuffer(vec, dtype=np.float32).copy(),
-                     tags=list(meta["tags"]))
+        return Entry(
+            key=fields["entry_id"].decode(),
+            tenant=meta["tenant"],
+            model=meta["model"],
+            partition=fields["partition"].decode() if "partition" in fields else "",
+            prompt=fields["prompt"].decode(),
+            response=json.loads(fields["response"]),
+            expires_at=float(meta["expires_at"]),
+            created_at=float(fields["inserted_at"]),
+            vector=None if vec is None else np.frombuffer(vec, dtype=np.float32).copy(),
+            tags=list(meta["tags"]),
+        )

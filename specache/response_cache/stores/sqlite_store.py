@@ -73,8 +73,12 @@ class SQLiteStore(Store):
             if not self.path:
                 raise
             aside = f"{self.path}.corrupt"
-            log.warning("response cache: %s is not a usable SQLite database (%s); moved to %s, starting empty",
-                        self.path, exc, aside)
+            log.warning(
+                "response cache: %s is not a usable SQLite database (%s); moved to %s, starting empty",
+                self.path,
+                exc,
+                aside,
+            )
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(self.path + suffix):
                     os.replace(self.path + suffix, aside + suffix)
@@ -86,8 +90,7 @@ class SQLiteStore(Store):
         return f"{self.path}.usearch" if self.path else None
 
     def _new_index(self) -> Index:
-        return Index(ndim=self.dim, metric="cos", dtype="f32", connectivity=16,
-                     expansion_add=128, expansion_search=64)
+        return Index(ndim=self.dim, metric="cos", dtype="f32", connectivity=16, expansion_add=128, expansion_search=64)
 
     def _remove_index_file(self) -> None:
         if self.index_path and os.path.exists(self.index_path):
@@ -110,8 +113,9 @@ class SQLiteStore(Store):
     def _index_consistent(self, index: Index) -> bool:
         if index.ndim != self.dim:
             return False
-        n, max_id = self._db.execute("SELECT COUNT(*), COALESCE(MAX(id), -1) FROM entries "
-                                     "WHERE vector IS NOT NULL").fetchone()
+        n, max_id = self._db.execute(
+            "SELECT COUNT(*), COALESCE(MAX(id), -1) FROM entries WHERE vector IS NOT NULL"
+        ).fetchone()
         if len(index) != n:
             return False
         return n == 0 or bool(index.contains(int(max_id)))
@@ -170,16 +174,29 @@ class SQLiteStore(Store):
         cur = self._db.execute(
             "INSERT INTO entries (key, tenant, model, partition, prompt, response, vector, tags, created_at, "
             "expires_at, last_access, size) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (e.key, e.tenant, e.model, e.partition, e.prompt, e.payload_json(), blob, json.dumps(e.tags),
-             e.created_at, e.expires_at, now, size),
+            (
+                e.key,
+                e.tenant,
+                e.model,
+                e.partition,
+                e.prompt,
+                e.payload_json(),
+                blob,
+                json.dumps(e.tags),
+                e.created_at,
+                e.expires_at,
+                now,
+                size,
+            ),
         )
         self._count += 1
         self._bytes += size
         self._parts[(e.partition, e.tenant, e.model)] += 1
         return int(cur.lastrowid)
 
-    def search(self, vector: np.ndarray, tenant: str, model: str, partition: str, k: int,
-               now: float) -> list[Candidate]:
+    def search(
+        self, vector: np.ndarray, tenant: str, model: str, partition: str, k: int, now: float
+    ) -> list[Candidate]:
         with self._lock:
             n_part = self._parts.get((partition, tenant, model), 0)
             if n_part == 0:
@@ -189,11 +206,14 @@ class SQLiteStore(Store):
                 return self._exact_scan(vector, tenant, model, partition, k, now)
             return self._hnsw_search(vector, tenant, model, partition, k, now)
 
-    def _exact_scan(self, vector: np.ndarray, tenant: str, model: str, partition: str, k: int,
-                    now: float) -> list[Candidate]:
+    def _exact_scan(
+        self, vector: np.ndarray, tenant: str, model: str, partition: str, k: int, now: float
+    ) -> list[Candidate]:
         rows = self._db.execute(
             f"SELECT {_COLS} FROM entries WHERE partition=? AND tenant=? AND model=? AND expires_at>? "
-            "AND vector IS NOT NULL", (partition, tenant, model, now)).fetchall()
+            "AND vector IS NOT NULL",
+            (partition, tenant, model, now),
+        ).fetchall()
         if not rows:
             return []
         mat = np.stack([np.frombuffer(r[7], dtype=np.float32) for r in rows])
@@ -201,23 +221,36 @@ class SQLiteStore(Store):
         order = np.argsort(-sims)[:k]
         return [Candidate(self._entry(rows[i]), float(sims[i])) for i in order]
 
-    def _hnsw_search(self, vector: np.ndarray, tenant: str, model: str, partition: str, k: int,
-                     now: float) -> list[Candidate]:
-        count, total = max(4 * k, 32), len(self._index)
+    def _hnsw_search(
+        self, vector: np.ndarray, tenant: str, model: str, partition: str, k: int, now: float
+    ) -> list[Candidate]:
+        # Oversample, filter ids in SQL (cheap: no payloads), widen if the filter left too few.
+        count, total = max(2 * k, 16), len(self._index)
         while True:
             matches = self._index.search(vector, min(count, total), threads=1)
-            ids = [int(x) for x in matches.keys]
             sims = {int(key): 1.0 - float(d) for key, d in zip(matches.keys, matches.distances, strict=True)}
-            marks = ",".join("?" * len(ids))
-            rows = self._db.execute(
-                f"SELECT {_COLS} FROM entries WHERE id IN ({marks}) AND partition=? AND tenant=? AND model=? "
-                "AND expires_at>?", (*ids, partition, tenant, model, now)).fetchall()
-            if len(rows) >= k or count >= total or count >= 16 * _EXACT_SCAN_MAX:
+            marks = ",".join("?" * len(sims))
+            ids = [
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT id FROM entries WHERE id IN ({marks}) AND partition=? AND tenant=? AND model=? "
+                    "AND expires_at>?",
+                    (*sims, partition, tenant, model, now),
+                )
+            ]
+            if len(ids) >= k or count >= total or count >= 16 * _EXACT_SCAN_MAX:
                 break
             count *= 8
+        best = sorted(ids, key=lambda i: -sims[i])[:k]
+        if not best:
+            return []
+        # Payloads only for the few returned candidates.
+        rows = self._db.execute(
+            f"SELECT {_COLS} FROM entries WHERE id IN ({','.join('?' * len(best))})", best
+        ).fetchall()
         cands = [Candidate(self._entry(r), sims[r[0]]) for r in rows]
         cands.sort(key=lambda c: -c.similarity)
-        return cands[:k]
+        return cands
 
     def delete(self, key: str) -> None:
         with self._lock:
@@ -239,8 +272,10 @@ class SQLiteStore(Store):
     def try_lock(self, name: str, owner: str, ttl_s: float, now: float) -> bool:
         with self._lock:
             self._db.execute("DELETE FROM locks WHERE name=? AND expires_at<=?", (name, now))
-            cur = self._db.execute("INSERT OR IGNORE INTO locks (name, owner, expires_at) VALUES (?,?,?)",
-                                   (name, owner, now + ttl_s))
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO locks (name, owner, expires_at) VALUES (?,?,?)",
+                (name, owner, now + ttl_s),
+            )
             return cur.rowcount == 1
 
     def unlock(self, name: str, owner: str) -> None:
@@ -260,8 +295,10 @@ class SQLiteStore(Store):
         if not ids:
             return
         marks = ",".join("?" * len(ids))
-        rows = self._db.execute(f"SELECT id, partition, tenant, model, size, vector IS NOT NULL FROM entries "
-                                f"WHERE id IN ({marks})", ids).fetchall()
+        rows = self._db.execute(
+            f"SELECT id, partition, tenant, model, size, vector IS NOT NULL FROM entries WHERE id IN ({marks})",
+            ids,
+        ).fetchall()
         self._db.execute(f"DELETE FROM entries WHERE id IN ({marks})", ids)
         for rid, part, tenant, model, size, has_vec in rows:
             self._count -= 1
@@ -280,8 +317,10 @@ class SQLiteStore(Store):
         self._delete_ids([r[0] for r in self._db.execute("SELECT id FROM entries WHERE expires_at<=?", (now,))])
         while self._count > self.max_entries or self._bytes > self.max_bytes:
             over = max(self._count - self.max_entries, 1)
-            victims = [r[0] for r in self._db.execute(
-                "SELECT id FROM entries ORDER BY last_access ASC, id ASC LIMIT ?", (over,))]
+            victims = [
+                r[0]
+                for r in self._db.execute("SELECT id FROM entries ORDER BY last_access ASC, id ASC LIMIT ?", (over,))
+            ]
             if not victims:
                 break
             self._delete_ids(victims)
@@ -301,7 +340,16 @@ class SQLiteStore(Store):
     @staticmethod
     def _entry(row: tuple) -> Entry:
         _id, key, tenant, model, part, prompt, response, vec, tags, created, expires, last = row
-        return Entry(key=key, tenant=tenant, model=model, partition=part, prompt=prompt,
-                     response=json.loads(response), expires_at=expires, created_at=created,
-                     vector=None if vec is None else np.frombuffer(vec, dtype=np.float32).copy(),
-                     tags=json.loads(tags), last_access=last)
+        return Entry(
+            key=key,
+            tenant=tenant,
+            model=model,
+            partition=part,
+            prompt=prompt,
+            response=json.loads(response),
+            expires_at=expires,
+            created_at=created,
+            vector=None if vec is None else np.frombuffer(vec, dtype=np.float32).copy(),
+            tags=json.loads(tags),
+            last_access=last,
+        )
