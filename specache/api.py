@@ -24,6 +24,16 @@ class LLM:
         self.engine = Engine(self.loaded, EngineConfig(dtype=dtype, **engine_options))
         self.tokenizer = self.engine.tokenizer
 
+    def close(self) -> None:
+        """Finish: aborts running requests and saves the prefix cache when prefix_cache_dir is set."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate(self, prompts: str | list[str] | list[int] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
                  priority: list[int] | None = None, cache_salt=None,

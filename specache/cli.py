@@ -21,6 +21,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--prefix-cache-dir", default=None, help="persist the prefix cache here across restarts")
+    p.add_argument("--warmup-prompts", default=None, help="file of prompts to prefill at start")
     p.add_argument("--speculative", default=None,
                    help="ngram | draft:PATH | layer-skip:L | quantized | lookahead | auto")
     p.add_argument("--num-spec-tokens", type=int, default=4)
@@ -34,6 +36,7 @@ def engine_options(args: argparse.Namespace, prefix_default: bool) -> dict:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=prefix_default if prefix is None else prefix,
         speculative=args.speculative, num_spec_tokens=args.num_spec_tokens,
+        prefix_cache_dir=args.prefix_cache_dir, warmup_prompts=args.warmup_prompts,
     )
 
 

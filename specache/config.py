@@ -53,6 +53,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's context length, capped at 8192
     enable_prefix_caching: bool = False
+    prefix_cache_dir: str | None = None  # save the prefix cache here on shutdown, restore it on start
+    warmup_prompts: str | None = None  # file of prompts prefilled at start (one per line or JSON chat)
     speculative: str | None = None
     num_spec_tokens: int = 4
     seed: int | None = None

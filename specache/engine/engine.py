@@ -62,6 +62,26 @@ class Engine:
 
             self.spec = SpecDecoder(self, config.speculative, config.num_spec_tokens)
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self._restore_prefix_cache()
+
+    def _restore_prefix_cache(self) -> None:
+        from specache.prefix import persist
+
+        if self.prefix_cache is None:
+            return
+        if self.config.prefix_cache_dir:
+            persist.load_prefix_cache(self, self.config.prefix_cache_dir)
+        if self.config.warmup_prompts:
+            persist.warmup(self, persist.read_warmup_file(self.config.warmup_prompts))
+
+    def shutdown(self) -> None:
+        """Abort what is running and persist the prefix cache (if configured)."""
+        for rid in list(self.requests):
+            self.abort(rid)
+        if self.prefix_cache is not None and self.config.prefix_cache_dir:
+            from specache.prefix.persist import save_prefix_cache
+
+            save_prefix_cache(self, self.config.prefix_cache_dir)
 
     # ------------------------------------------------------------------ requests
 
