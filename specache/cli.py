@@ -26,6 +26,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", default=None,
                    help="ngram | draft:PATH | layer-skip:L | quantized | lookahead | auto")
     p.add_argument("--num-spec-tokens", type=int, default=4)
+    p.add_argument("--spec-adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the controller pick K per step (and 0 when speculation does not pay)")
 
 
 def engine_options(args: argparse.Namespace, prefix_default: bool) -> dict:
@@ -35,7 +37,7 @@ def engine_options(args: argparse.Namespace, prefix_default: bool) -> dict:
         kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=prefix_default if prefix is None else prefix,
-        speculative=args.speculative, num_spec_tokens=args.num_spec_tokens,
+        speculative=args.speculative, num_spec_tokens=args.num_spec_tokens, spec_adaptive=args.spec_adaptive,
         prefix_cache_dir=args.prefix_cache_dir, warmup_prompts=args.warmup_prompts,
     )
 

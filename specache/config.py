@@ -57,6 +57,7 @@ class EngineConfig:
     warmup_prompts: str | None = None  # file of prompts prefilled at start (one per line or JSON chat)
     speculative: str | None = None
     num_spec_tokens: int = 4
+    spec_adaptive: bool = True  # False: always draft num_spec_tokens (tests, raw method benchmarks)
     seed: int | None = None
 
     def __post_init__(self) -> None:

@@ -44,15 +44,15 @@ class SamplingParams:
 
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # written so that NaN fails too
+            bad(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
+        if not isinstance(self.top_k, int) or self.top_k < -1:
             bad(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
+        if not 0 < self.repetition_penalty < float("inf"):
             bad(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
             bad("presence_penalty and frequency_penalty must be in [-2, 2]")

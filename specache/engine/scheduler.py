@@ -127,7 +127,9 @@ class Scheduler:
         self.running.sort(key=_urgency)
         self.waiting.sort(key=_urgency)
         budget = self._schedule_running(out, budget, spec_slots)
-        self._preempt_for_urgent_waiting(out)
+        if out.preempted:  # victims rejoin the queue in urgency order, ahead of less urgent arrivals
+            self.waiting.sort(key=_urgency)
+        budget += self._preempt_for_urgent_waiting(out)
         self._schedule_waiting(out, budget)
         return out
 
@@ -153,15 +155,20 @@ class Scheduler:
             i += 1
         return budget
 
-    def _preempt_for_urgent_waiting(self, out: SchedulerOutput) -> None:
-        """A full batch yields its least urgent member to a strictly more urgent arrival."""
+    def _preempt_for_urgent_waiting(self, out: SchedulerOutput) -> int:
+        """A full batch yields its least urgent member to a strictly more urgent arrival.
+
+        Returns the token budget the victim had been given this step (now the arrival's)."""
         if not self.waiting or len(self.running) < self.config.max_num_seqs:
-            return
+            return 0
         head, worst = self.waiting[0], self.running[-1]
-        if head.priority < worst.priority:
-            out.scheduled = [s for s in out.scheduled if s.seq is not worst]
-            self._preempt(worst, out)
-            self.waiting.sort(key=_urgency)
+        if head.priority >= worst.priority:
+            return 0
+        freed = sum(s.num_new_tokens + s.num_spec_slots for s in out.scheduled if s.seq is worst)
+        out.scheduled = [s for s in out.scheduled if s.seq is not worst]
+        self._preempt(worst, out)
+        self.waiting.sort(key=_urgency)
+        return freed
 
     def _admit_prefix(self, seq: Sequence) -> None:
         if self.prefix_cache is None or seq.num_computed or seq.block_table:

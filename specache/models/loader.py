@@ -249,13 +249,41 @@ def weights_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+_LAYER_WEIGHTS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                  "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                  "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def _check_weight_names(config: ModelConfig, weights: dict[str, torch.Tensor], model_dir: Path) -> None:
+    """A missing shard or a partial download fails here with a named error, not as a KeyError later."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(config.num_layers):
+        names += [f"model.layers.{i}.{n}" for n in _LAYER_WEIGHTS]
+        if config.attention_bias:
+            names += [f"model.layers.{i}.self_attn.{n}_proj.bias" for n in "qkv"]
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ModelFormatError(f"{model_dir} lacks {len(missing)} weight tensors (e.g. {missing[:3]}); a shard "
+                               "is missing or the download is incomplete: fetch or convert the model again")
+
+
 def load_hf_dir(model_dir: Path) -> LoadedModel:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise ModelFormatError(f"{model_dir} has no config.json; expected a Hugging Face model directory")
-    config = ModelConfig.from_json_file(model_dir / "config.json")
+    try:
+        config = ModelConfig.from_json_file(model_dir / "config.json")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, missing or mistyped keys
+        raise ModelFormatError(f"{model_dir / 'config.json'} is not a valid model config ({e!r}); "
+                               "restore the model's config.json or convert the model again") from e
     weights = {k: v.float() for k, v in _load_safetensors_dir(model_dir).items()}
-    tokenizer = Tokenizer.from_dir(model_dir, config.eos_token_ids)
+    _check_weight_names(config, weights, model_dir)
+    if not (model_dir / "tokenizer.json").exists():
+        raise ModelFormatError(f"{model_dir} has no tokenizer.json; copy the model's tokenizer files there")
+    try:
+        tokenizer = Tokenizer.from_dir(model_dir, config.eos_token_ids)
+    except Exception as e:  # the `tokenizers` library raises bare Exceptions on bad files
+        raise ModelFormatError(f"cannot read the tokenizer in {model_dir}: {e}. Restore tokenizer.json") from e
     return LoadedModel(config, weights, tokenizer, weights_fingerprint(model_dir), model_dir)
 
 

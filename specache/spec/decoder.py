@@ -4,6 +4,8 @@ ask the controller for K, draft, verify in one target pass, record acceptance.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from specache.engine.runner import BatchItem
@@ -56,6 +58,32 @@ def _model_proposer(engine, method: str) -> Proposer:
     return ModelProposer(model, engine.pool.num_blocks, engine.pool.block_size, name)
 
 
+def measure_step_costs(engine, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), repeats: int = 2
+                       ) -> dict[int, float]:
+    """Seconds for one target pass over n tokens, measured once at start (the controller's cost model)."""
+    from specache.engine.sequence import Sequence
+    from specache.sampling import SamplingParams
+
+    pool = engine.pool
+    n_max = max(sizes)
+    if pool.blocks_needed(n_max) > pool.num_free:
+        return {}
+    seq = Sequence(-1, "calibrate", 0, [0] * n_max, SamplingParams(temperature=0))
+    seq.block_table = pool.allocate(pool.blocks_needed(n_max))
+    costs = {}
+    try:
+        for n in sizes:
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                engine.runner.run([BatchItem(seq, [0] * n, 0, 1)])
+                best = min(best, time.perf_counter() - t0)
+            costs[n] = best
+    finally:
+        pool.free(seq.block_table)
+    return costs
+
+
 class SpecDecoder:
     def __init__(self, engine, method: str, num_spec_tokens: int) -> None:
         self.engine = engine
@@ -63,6 +91,7 @@ class SpecDecoder:
         self.max_k = num_spec_tokens
         self.proposer = build_proposer(engine, method)
         self.controller = SpecController(max_k=num_spec_tokens)
+        self.controller.calibrate(measure_step_costs(engine))
         self._draft_probs: dict[int, torch.Tensor | None] = {}
 
     # -------------------------------------------------------------- scheduling
@@ -70,6 +99,8 @@ class SpecDecoder:
     def slots_for(self, seq: Sequence) -> int:
         if self.max_k == 0:
             return 0
+        if not self.engine.config.spec_adaptive:
+            return self.max_k
         return self.controller.choose_k(seq.seq_id, len(self.engine.scheduler.running))
 
     def propose(self, sched: SchedulerOutput) -> dict[int, list[int]]:
@@ -77,7 +108,9 @@ class SpecDecoder:
                 for s in sched.scheduled if s.num_spec_slots > 0]
         if not reqs:
             return {}
+        t0 = time.perf_counter()
         drafts: list[Draft] = self.proposer.propose(reqs)
+        self.controller.record_draft_time(time.perf_counter() - t0, sum(len(d.tokens) for d in drafts))
         out = {}
         for r, d in zip(reqs, drafts, strict=True):
             toks = d.tokens[: r.num_tokens]
@@ -93,8 +126,9 @@ class SpecDecoder:
                 if lg is not None]
         target_probs = self._target_probs(rows)
         seqs = [it.seq for _, it, _, _ in rows]
-        results = verify([d for *_, d in rows], [self._draft_probs.pop(it.seq.seq_id, None) for _, it, _, _ in rows],
-                         target_probs, [s.params for s in seqs], [s.generator for s in seqs])
+        draft_probs = [self._draft_probs.pop(it.seq.seq_id, None) for _, it, _, _ in rows]
+        results = verify([d for *_, d in rows], draft_probs, target_probs, [s.params for s in seqs],
+                         [s.generator for s in seqs])
         out: list[list[int] | None] = [None] * len(items)
         observe = getattr(self.proposer, "observe", None)
         for (i, it, _, draft), res, p in zip(rows, results, target_probs, strict=True):

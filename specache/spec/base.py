@@ -1,0 +1,45 @@
+"""The one proposer interface every speculative method implements.
+
+A proposer only guesses; it never decides. The engine asks it for up to K tokens per sequence,
+runs the target once over [last token, drafts...], and `spec.verify.verify` decides what is kept.
+Proposers that sample their guesses return the distribution q they sampled from, so sampled
+requests stay lossless; deterministic proposers (n-gram lookup, greedy drafters) return None.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from specache.sampling import SamplingParams
+
+
+@dataclass
+class DraftRequest:
+    seq_id: int
+    token_ids: list[int]  # prompt + generated so far (the last one is not yet in the KV cache)
+    num_tokens: int  # K wanted for this sequence (0 = none)
+    params: SamplingParams
+
+
+@dataclass
+class Draft:
+    tokens: list[int]  # len <= num_tokens; may be empty (no proposal)
+    # [len(tokens), V]: the distribution q each token was drawn from; None = deterministic (one-hot q).
+    probs: torch.Tensor | None = None
+
+
+class Proposer(ABC):
+    name: str = "proposer"
+
+    @abstractmethod
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        """One draft per request, in request order."""
+
+    def on_verified(self, seq_id: int, num_accepted: int) -> None:  # noqa: B027 - optional hook
+        """Called after verification; model drafters roll their KV back to the accepted prefix."""
+
+    def release(self, seq_id: int) -> None:  # noqa: B027 - optional hook
+        """The sequence finished (or was aborted): drop whatever state is kept for it."""

@@ -1,0 +1,218 @@
+"""Adaptive speculation: how many tokens to draft per sequence, and when not to draft at all.
+
+Acceptance. A draft of K tokens with n accepted is n Bernoulli successes and, when n < K, one
+failure; positions after the first rejection were never tested. So the per-token acceptance
+alpha is estimated as successes / trials (not n / K, which underestimates alpha for long drafts),
+from exponentially decayed sums so it follows a sequence whose text changes character. A new
+sequence starts from the global estimate as a prior worth `prior_trials` trials.
+
+Cost. With per-token acceptance alpha a K-token draft yields (1 - alpha^(K+1)) / (1 - alpha)
+tokens per step. The step costs one target pass over B * (K + 1) tokens (a batch of B sequences,
+each verifying [last, K drafts]) plus drafting, against one pass over B tokens for plain decoding.
+`calibrate` takes the target's measured pass times; the drafter's time comes from `draft_ms` or
+from `record_draft_time` measurements. K is the value that maximises tokens per unit time; 0 when
+no K beats plain decoding by `margin`, or when alpha fell below `min_alpha` after warm-up.
+
+Recovery. A sequence switched off because of its acceptance (not because of cost) is probed
+with a short draft every `probe_every` steps, so it comes back when the text becomes predictable.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+_HIGH_ALPHA = 0.9  # "would speculation pay if drafts were good?": decides whether to probe
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Expected tokens per verification step: (1 - alpha^(K+1)) / (1 - alpha)."""
+    if k <= 0:
+        return 1.0
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def expected_speedup(alpha: float, k: int, draft_cost_ratio: float) -> float:
+    """The seed formula: (1 - alpha^(K+1)) / ((1 - alpha) (K c + 1)), c = draft cost / target step cost.
+
+    It assumes verifying K + 1 tokens costs one plain step (memory-bound decoding).
+    """
+    return expected_tokens(alpha, k) / (k * draft_cost_ratio + 1)
+
+
+@dataclass
+class _SeqState:
+    successes: float = 0.0  # decayed count of accepted draft tokens
+    trials: float = 0.0  # decayed count of tested draft tokens
+    raw_trials: int = 0  # undecayed, for the warm-up rule
+    off_steps: int = 0  # consecutive steps switched off for low acceptance
+
+
+class SpecController:
+    def __init__(self, max_k: int = 4, min_alpha: float = 0.4, decay: float = 0.8, prior_alpha: float = 0.6,
+                 prior_trials: float = 2.0, warmup_trials: int = 4, probe_every: int = 16, probe_k: int = 2,
+                 margin: float = 1.05, global_decay: float = 0.95) -> None:
+        self.max_k = max_k
+        self.min_alpha = min_alpha  # below this (after warm-up) a sequence stops drafting
+        self.decay = decay  # weight of the past per record: ~1 / (1 - decay) drafts of memory
+        self.global_decay = global_decay  # the global prior sees every sequence's records: longer memory
+        self.prior_alpha = prior_alpha  # used until the global estimate has data
+        self.prior_trials = prior_trials
+        self.warmup_trials = warmup_trials
+        self.probe_every = probe_every
+        self.probe_k = probe_k
+        self.margin = margin  # a K must beat plain decoding by this factor to be chosen
+        self._step_ms: dict[int, float] = {}  # tokens in one target pass -> ms
+        self._verify_ms: Callable[[int, int], float] | None = None  # (K, batch) -> ms
+        self._plain_ms: Callable[[int], float] | None = None  # batch -> ms
+        self._draft_ms: Callable[[int, int], float] | None = None  # (K, batch) -> ms
+        self.draft_ms_per_token = 0.0  # EMA of measured drafting time, when no draft_ms is given
+        self.seqs: dict[int, _SeqState] = {}
+        self._global = _SeqState()
+        self.drafts = 0
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
+        self.per_position: list[list[int]] = []  # position -> [drafted, accepted]
+        self.chosen_k: dict[int, int] = {}
+        self.probes = 0
+
+    # ------------------------------------------------------------------ cost model
+
+    def calibrate(self, step_cost_s: Mapping[int, float] | None = None, *,
+                  verify_ms: Callable[[int, int], float] | None = None,
+                  plain_ms: Callable[[int], float] | None = None,
+                  draft_ms: Callable[[int, int], float] | None = None) -> None:
+        """Set the cost model once at start.
+
+        step_cost_s: measured seconds for one target pass over n tokens ({n: seconds}); verify of
+        K drafts for a batch of B costs step(B * (K + 1)), plain decoding step(B). Or give
+        verify_ms(K, batch) and plain_ms(batch) directly. draft_ms(K, batch): drafting time for the
+        batch; without it, the EMA of `record_draft_time` measurements (ms per drafted token) is used.
+        """
+        if step_cost_s:
+            self._step_ms = {n: s * 1000.0 for n, s in sorted(step_cost_s.items())}
+        self._verify_ms = verify_ms or self._verify_ms
+        self._plain_ms = plain_ms or self._plain_ms
+        self._draft_ms = draft_ms or self._draft_ms
+
+    def record_draft_time(self, seconds: float, num_tokens: int) -> None:
+        """The proposer's measured time for a batch that produced num_tokens draft tokens."""
+        if num_tokens > 0:
+            per = seconds * 1000.0 / num_tokens
+            self.draft_ms_per_token = per if not self.draft_ms_per_token else \
+                0.8 * self.draft_ms_per_token + 0.2 * per
+
+    def _pass_ms(self, tokens: int) -> float:
+        """Target pass over `tokens` tokens: the measured table, interpolated, linear past its end."""
+        if not self._step_ms:
+            return 1.0 + tokens / 64  # uncalibrated guess: weight reads dominate small passes
+        xs = list(self._step_ms)
+        ys = list(self._step_ms.values())
+        if tokens <= xs[0] or len(xs) == 1:
+            return ys[0] if tokens <= xs[0] else ys[-1] * tokens / xs[-1]
+        i = min(bisect.bisect_left(xs, tokens), len(xs) - 1)
+        slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + slope * (tokens - xs[i - 1])
+
+    def step_ms(self, k: int, batch: int) -> float:
+        """Predicted time of one decode step for a batch of `batch` sequences drafting k each."""
+        if k == 0:
+            return self._plain_ms(batch) if self._plain_ms else self._pass_ms(batch)
+        verify = self._verify_ms(k, batch) if self._verify_ms else self._pass_ms(batch * (k + 1))
+        draft = self._draft_ms(k, batch) if self._draft_ms else self.draft_ms_per_token * k * batch
+        return verify + draft
+
+    def best_k(self, alpha: float, batch_size: int) -> int:
+        """K in [0, max_k] maximising expected tokens per ms; 0 unless it beats plain by `margin`."""
+        batch = max(batch_size, 1)
+        best, best_rate = 0, self.margin / self.step_ms(0, batch)
+        for k in range(1, self.max_k + 1):
+            rate = expected_tokens(alpha, k) / self.step_ms(k, batch)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
+
+    # ------------------------------------------------------------------ acceptance
+
+    def alpha(self, seq_id: int | None = None) -> float:
+        """Per-token acceptance estimate for a sequence (global when seq_id is None or unknown)."""
+        g = self._global
+        prior = g.successes / g.trials if g.trials > 0 else self.prior_alpha
+        st = self.seqs.get(seq_id) if seq_id is not None else None
+        if st is None:
+            return prior
+        return (st.successes + self.prior_trials * prior) / (st.trials + self.prior_trials)
+
+    def choose_k(self, seq_id: int, batch_size: int) -> int:
+        st = self.seqs.setdefault(seq_id, _SeqState())
+        k = self._choose(st, self.alpha(seq_id), batch_size)
+        self.chosen_k[k] = self.chosen_k.get(k, 0) + 1
+        return k
+
+    def _choose(self, st: _SeqState, alpha: float, batch_size: int) -> int:
+        if self.max_k <= 0:
+            return 0
+        low = st.raw_trials >= self.warmup_trials and alpha < self.min_alpha
+        k = 0 if low else self.best_k(alpha, batch_size)
+        # Off because drafts are bad, while good drafts would pay: probe now and then.
+        if k == 0 and (low or self.best_k(_HIGH_ALPHA, batch_size) > 0):
+            st.off_steps += 1
+            if st.off_steps % self.probe_every == 0:
+                self.probes += 1
+                return min(self.probe_k, self.max_k)
+            return 0
+        st.off_steps = 0
+        return k
+
+    def record(self, seq_id: int, num_drafted: int, num_accepted: int) -> None:
+        """One verification result: num_accepted of num_drafted drafts survived."""
+        if num_drafted <= 0:
+            return
+        num_accepted = max(0, min(num_accepted, num_drafted))
+        trials = num_accepted + (1 if num_accepted < num_drafted else 0)
+        seq = self.seqs.setdefault(seq_id, _SeqState())
+        for st, decay in ((seq, self.decay), (self._global, self.global_decay)):
+            st.successes = decay * st.successes + num_accepted
+            st.trials = decay * st.trials + trials
+            st.raw_trials += trials
+        self.drafts += 1
+        self.draft_tokens += num_drafted
+        self.accepted_tokens += num_accepted
+        while len(self.per_position) < num_drafted:
+            self.per_position.append([0, 0])
+        for pos in range(num_drafted):
+            self.per_position[pos][0] += 1
+            self.per_position[pos][1] += pos < num_accepted
+
+    def release(self, seq_id: int) -> None:
+        self.seqs.pop(seq_id, None)
+
+    # ------------------------------------------------------------------ reporting
+
+    def stats(self) -> dict:
+        drafts = self.drafts
+        rate = self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+        mean_k = self.draft_tokens / drafts if drafts else 0.0
+        plain = self.step_ms(0, 1)
+        ratio = (self._draft_ms(1, 1) if self._draft_ms else self.draft_ms_per_token) / plain
+        alpha = self.alpha()
+        return {
+            "drafts": drafts,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": rate,  # accepted / drafted
+            "alpha": alpha,  # per-token acceptance (decayed), what choose_k uses
+            # tokens emitted per verification step, bonus included (the EAGLE / vLLM convention)
+            "mean_accepted_length": 1 + self.accepted_tokens / drafts if drafts else 0.0,
+            "mean_draft_length": mean_k,
+            "acceptance_per_position": [a / d if d else 0.0 for d, a in self.per_position],
+            "k_chosen": dict(sorted(self.chosen_k.items())),
+            "probes": self.probes,
+            "draft_cost_ratio": ratio,
+            "expected_speedup": expected_speedup(alpha, round(mean_k), ratio) if drafts else None,
+        }
+
+    expected_speedup = staticmethod(expected_speedup)

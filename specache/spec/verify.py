@@ -1,0 +1,187 @@
+"""Verification of drafted tokens, shared by every proposer.
+
+Greedy rows: accept the longest prefix where the target's argmax equals the draft, then one
+target token (the correction at the first mismatch, or the bonus after all K are accepted).
+
+Sampled rows: lossless rejection sampling (Leviathan et al. 2023, Chen et al. 2023). Accept draft
+x_j with probability min(1, p_j(x_j) / q_j(x_j)); at the first rejection draw from
+normalize(max(0, p_j - q_j)); when all K pass draw the bonus from p_K. The emitted tokens are then
+distributed exactly as plain sampling from p (tests/test_spec_verify.py checks this statistically).
+q is one-hot on the draft token when a proposer gives no probabilities (or gives q(x) = 0, which
+means its token did not come from q, so one-hot is the only reading that stays lossless): then x is
+accepted with probability p(x) and a rejection draws from p with x removed.
+
+Every sampled row draws exactly K + 1 uniforms from its own generator, whatever happens, so a
+seeded request's randomness does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specache.sampling import SamplingParams
+
+# Residual mass below this is float noise (p == q up to rounding); rejection there is a ~1e-6
+# event, and drawing from p instead costs at most that much total variation.
+_RESIDUAL_EPS = 1e-6
+
+
+@dataclass
+class VerifyResult:
+    tokens: list[int]  # accepted drafts + exactly one correction or bonus token
+    num_accepted: int
+
+
+def verify(
+    drafts: list[list[int]],
+    draft_probs: list[torch.Tensor | None],
+    target_probs: list[torch.Tensor],
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+) -> list[VerifyResult]:
+    """Decide, for each sequence, how much of its draft survives and which token comes next.
+
+    target_probs[i] is [len(drafts[i]) + 1, V]: p after each draft prefix plus the bonus position,
+    processed by `logits_to_probs` exactly as plain decoding would (penalty histories extended by
+    the earlier drafts). draft_probs[i] is [len(drafts[i]), V] or None (deterministic proposer).
+    """
+    _check_inputs(drafts, draft_probs, target_probs, params, generators)
+    results: list[VerifyResult | None] = [None] * len(drafts)
+    greedy = [i for i, sp in enumerate(params) if sp.greedy]
+    sampled = [i for i, sp in enumerate(params) if not sp.greedy]
+    if greedy:
+        outs = _verify_greedy([drafts[i] for i in greedy], [target_probs[i] for i in greedy])
+        for i, res in zip(greedy, outs, strict=True):
+            results[i] = res
+    if sampled:
+        outs = _verify_sampled([drafts[i] for i in sampled], [draft_probs[i] for i in sampled],
+                               [target_probs[i] for i in sampled], [generators[i] for i in sampled])
+        for i, res in zip(sampled, outs, strict=True):
+            results[i] = res
+    return results  # type: ignore[return-value]  # every slot filled above
+
+
+def _check_inputs(drafts, draft_probs, target_probs, params, generators) -> None:
+    n = len(drafts)
+    if not (len(draft_probs) == len(target_probs) == len(params) == len(generators) == n):
+        raise ValueError("verify: drafts, draft_probs, target_probs, params and generators differ in length")
+    for draft, q, p in zip(drafts, draft_probs, target_probs, strict=True):
+        k = len(draft)
+        if p.dim() != 2 or p.shape[0] != k + 1:
+            raise ValueError(f"verify: target_probs must be [len(draft) + 1, V] = [{k + 1}, V], "
+                             f"got {tuple(p.shape)}")
+        if q is not None and (q.dim() != 2 or q.shape[0] != k or q.shape[1] != p.shape[1]):
+            raise ValueError(f"verify: draft_probs must be [len(draft), V] = [{k}, {p.shape[1]}], "
+                             f"got {tuple(q.shape)}")
+        if draft and not 0 <= min(draft) <= max(draft) < p.shape[1]:
+            raise ValueError(f"verify: draft token outside the vocabulary (V={p.shape[1]}): {draft}")
+
+
+def _verify_greedy(drafts: list[list[int]], ps: list[torch.Tensor]) -> list[VerifyResult]:
+    flat = [t for p in ps for t in _argmax_rows(p)]
+    out, start = [], 0
+    for draft in drafts:
+        target = flat[start: start + len(draft) + 1]
+        start += len(draft) + 1
+        n = 0
+        while n < len(draft) and draft[n] == target[n]:
+            n += 1
+        out.append(VerifyResult(draft[:n] + [target[n]], n))
+    return out
+
+
+def _argmax_rows(p: torch.Tensor) -> list[int]:
+    """Row argmax (first maximum on ties, like torch). On CPU numpy's SIMD argmax is ~10x faster
+    than torch's (1 ms against 11 ms for 160 x 49152 floats on one thread)."""
+    if p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
+        return p.numpy().argmax(axis=-1).tolist()
+    return p.argmax(dim=-1).tolist()
+
+
+def _verify_sampled(drafts: list[list[int]], qs: list[torch.Tensor | None], ps: list[torch.Tensor],
+                    gens: list[torch.Generator]) -> list[VerifyResult]:
+    # K + 1 uniforms per row from the row's own generator: K acceptance tests + the final draw.
+    uniforms = [torch.rand(len(d) + 1, generator=g, dtype=torch.float64, device=g.device)
+                for d, g in zip(drafts, gens, strict=True)]
+    uniforms = [u if u.device == p.device else u.to(p.device) for u, p in zip(uniforms, ps, strict=True)]
+    counts, q_unusable = _accept_prefixes(drafts, qs, ps, uniforms)
+    weights = _final_weights(drafts, qs, ps, counts, q_unusable)
+    tokens = _draw_rows(weights, torch.stack([u[-1] for u in uniforms]))
+    return [VerifyResult(draft[:n] + [tok], n) for draft, n, tok in zip(drafts, counts, tokens, strict=True)]
+
+
+def _accept_prefixes(drafts, qs, ps, uniforms) -> tuple[list[int], list[bool]]:
+    """Number of leading accepted drafts per row, and whether q(x) = 0 at the rejected position
+    (q is then read as one-hot there, for the acceptance test and the residual alike)."""
+    sizes = [len(d) for d in drafts]
+    if not any(sizes):
+        return [0] * len(drafts), [False] * len(drafts)
+    vocab = ps[0].shape[1]
+    # Flat (row-major) indices of (j, x_j) in each row's [K + 1, V] table, built once for the batch.
+    flat = torch.tensor([j * vocab + x for d in drafts for j, x in enumerate(d)], device=ps[0].device)
+    px, qx = [], []
+    for lin, q, p in zip(flat.split(sizes), qs, ps, strict=True):
+        if lin.numel():
+            px.append(torch.take(p, lin))
+            qx.append(torch.take(q, lin).to(p.dtype) if q is not None else torch.ones_like(px[-1]))
+    p_x = torch.cat(px).double()
+    q_x = torch.cat(qx).double()
+    forced = q_x <= 0
+    q_eff = torch.where(forced, torch.ones_like(q_x), q_x)
+    # u < p/q written without the division: accepts with probability min(1, p/q) for q > 0.
+    ok = (torch.cat([u[:k] for u, k in zip(uniforms, sizes, strict=True)]) * q_eff < p_x).tolist()
+    forced_list = forced.tolist()
+    counts, q_unusable, start = [], [], 0
+    for k in sizes:
+        n = 0
+        while n < k and ok[start + n]:
+            n += 1
+        counts.append(n)
+        q_unusable.append(n < k and forced_list[start + n])
+        start += k
+    return counts, q_unusable
+
+
+def _final_weights(drafts, qs, ps, counts, q_unusable) -> torch.Tensor:
+    """What each row's last token is drawn from ([R, V], unnormalised): p itself after a fully
+    accepted draft (the bonus), the residual max(0, p - q) at the first rejection."""
+    weights = torch.stack([p[n] for p, n in zip(ps, counts, strict=True)])
+    rejected = [r for r, n in enumerate(counts) if n < len(drafts[r])]
+    if not rejected:
+        return weights
+    q_rows = torch.zeros(len(rejected), weights.shape[1], dtype=weights.dtype, device=weights.device)
+    dense = [(i, qs[r][counts[r]]) for i, r in enumerate(rejected) if qs[r] is not None and not q_unusable[r]]
+    one_hot = [(i, drafts[r][counts[r]]) for i, r in enumerate(rejected) if qs[r] is None or q_unusable[r]]
+    if dense:
+        q_rows[[i for i, _ in dense]] = torch.stack([row for _, row in dense]).to(weights.dtype)
+    if one_hot:
+        q_rows[[i for i, _ in one_hot], [x for _, x in one_hot]] = 1.0
+    weights[rejected] = _residual(weights[rejected], q_rows)
+    return weights
+
+
+def _residual(p_rows: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
+    """max(0, p - q) per row, unnormalised (the draw normalises); a one-hot q row removes the
+    rejected token from p."""
+    res = (p_rows - q_rows).clamp_(min=0.0)
+    mass = res.sum(dim=1, keepdim=True)
+    # Residual mass ~0 means p == q up to rounding: any draw from p is (all but) exact.
+    return torch.where(mass > _RESIDUAL_EPS, res, p_rows)
+
+
+def _draw_rows(weights: torch.Tensor, u: torch.Tensor) -> list[int]:
+    """Inverse-CDF draw per row of unnormalised non-negative weights [R, V], one uniform per row.
+
+    The CDF is summed in float64 so that no token's share is distorted by rounding; right=True never
+    lands on a zero-weight token, whose CDF equals its predecessor's.
+    """
+    cdf = torch.cumsum(weights, dim=-1, dtype=torch.float64)
+    target = (u.double() * cdf[:, -1]).unsqueeze(1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1).tolist()
+    vocab = weights.shape[1]
+    for r, i in enumerate(idx):
+        if i >= vocab:  # u * total rounded up to total: take the last token that has weight
+            idx[r] = int(torch.nonzero(weights[r] > 0)[-1])
+    return idx

@@ -1,0 +1,113 @@
+"""Speculative decoding inside the engine: greedy output equals plain greedy for every proposer,
+sampled output has plain sampling's distribution, and every KV block comes back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from specache import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(3, 49152, (12,), generator=g).tolist()
+    # Repetitive prompts give the n-gram and lookahead proposers real matches (accepting 0..K).
+    return [base * 3, base[:5] * 4 + base, torch.randint(3, 49152, (30,), generator=g).tolist(), base[:3]]
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-draft"), seed=1, num_hidden_layers=2)
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(tiny_llm):
+    return [o.token_ids for o in tiny_llm.generate(_prompts(), GREEDY)]
+
+
+@pytest.mark.parametrize("method", ["ngram", "lookahead", "layer-skip:2", "quantized", "draft", "auto"])
+def test_greedy_speculative_equals_plain_greedy(tiny_model_dir, draft_dir, plain_outputs, method):
+    spec = f"draft:{draft_dir}" if method == "draft" else method
+    # block_size 4 so drafts routinely cross block boundaries and rollback frees whole blocks
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative=spec, num_spec_tokens=5, block_size=4,
+              spec_adaptive=method == "auto")
+    outs = llm.generate(_prompts(), GREEDY)
+    if method != "quantized":  # int8 weights change the target's own logits, see below
+        assert [o.token_ids for o in outs] == plain_outputs
+    assert llm.engine.pool.all_free()
+    if method != "auto":  # the adaptive controller may rightly decline to draft for a random model
+        assert llm.engine.spec.stats()["draft_tokens"] > 0
+
+
+def test_quantized_draft_keeps_the_fp32_target_exact(tiny_model_dir, plain_outputs):
+    """'quantized' drafts with an int8 copy; verification by the fp32 target keeps output exact."""
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="quantized", num_spec_tokens=4,
+              spec_adaptive=False)
+    assert llm.engine.model.weight_format == "dense"
+    assert [o.token_ids for o in llm.generate(_prompts(), GREEDY)] == plain_outputs
+
+
+def test_ngram_accepts_on_repetitive_text_and_reports_metrics(tiny_model_dir):
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="ngram", num_spec_tokens=4, spec_adaptive=False)
+    out = llm.generate([_prompts()[0]], GREEDY)[0]
+    m = out.metrics
+    assert m["spec_draft_tokens"] > 0 and 0 <= m["spec_acceptance_rate"] <= 1
+    assert m["spec_mean_accepted_length"] >= 1
+
+
+def _first_tokens(llm, n: int, seed0: int) -> list[tuple[int, ...]]:
+    prompts = [[1, 2, 3, 1, 2]] * n
+    params = [SamplingParams(max_tokens=2, temperature=1.0, seed=seed0 + i, ignore_eos=True) for i in range(n)]
+    return [tuple(o.token_ids) for o in llm.generate(prompts, params)]
+
+
+def _chi2_two_sample(a: list, b: list) -> float:
+    from scipy.stats import chi2_contingency
+
+    cells = sorted(set(a) | set(b))
+    ca, cb = [a.count(c) for c in cells], [b.count(c) for c in cells]
+    keep = [i for i in range(len(cells)) if ca[i] + cb[i] >= 5]  # pool rare cells
+    rest = [i for i in range(len(cells)) if i not in keep]
+    table = [[ca[i] for i in keep] + [sum(ca[i] for i in rest)], [cb[i] for i in keep] + [sum(cb[i] for i in rest)]]
+    if table[0][-1] + table[1][-1] == 0:
+        table = [row[:-1] for row in table]
+    return chi2_contingency(table)[1]
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory):
+    """A target and a draft over an 8-token vocabulary, and plain-sampling samples from the target."""
+    pytest.importorskip("scipy")
+    kw = dict(vocab_size=8, initializer_range=0.6, num_hidden_layers=2)
+    target = make_tiny_model(tmp_path_factory.mktemp("v8-target"), seed=3, **kw)
+    draft = make_tiny_model(tmp_path_factory.mktemp("v8-draft"), seed=4, **kw)
+    opts = dict(dtype="float32", max_num_seqs=256, kv_cache_memory="64MiB")
+    plain = _first_tokens(LLM(model=str(target), **opts), 2500, 0)
+    spec_llm = LLM(model=str(target), speculative=f"draft:{draft}", num_spec_tokens=2, spec_adaptive=False, **opts)
+    return spec_llm, plain
+
+
+def test_speculative_sampling_matches_plain_sampling_distribution(small_vocab):
+    """Two-token prefixes: plain sampling vs draft-model speculation with rejection sampling."""
+    spec_llm, plain = small_vocab
+    spec = _first_tokens(spec_llm, 2500, 100_000)
+    assert spec_llm.engine.spec.stats()["draft_tokens"] > 0
+    assert _chi2_two_sample(plain, spec) > 1e-3
+
+
+def test_a_broken_verifier_fails_the_same_check(small_vocab, monkeypatch):
+    """The check has power: accepting every draft (no rejection step) is caught."""
+    import specache.spec.decoder as decoder
+    from specache.spec.verify import VerifyResult
+
+    def accept_all(drafts, draft_probs, target_probs, params, generators):
+        return [VerifyResult(list(d) + [int(torch.multinomial(p[len(d)], 1, generator=g))], len(d))
+                for d, p, g in zip(drafts, target_probs, generators, strict=True)]
+
+    spec_llm, plain = small_vocab
+    monkeypatch.setattr(decoder, "verify", accept_all)
+    assert _chi2_two_sample(plain, _first_tokens(spec_llm, 2500, 200_000)) < 1e-6
