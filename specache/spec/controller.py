@@ -98,6 +98,10 @@ class SpecController:
         self._plain_ms = plain_ms or self._plain_ms
         self._draft_ms = draft_ms or self._draft_ms
 
+    @property
+    def calibrated(self) -> bool:
+        return bool(self._step_ms) or self._verify_ms is not None
+
     def record_draft_time(self, seconds: float, num_tokens: int) -> None:
         """The proposer's measured time for a batch that produced num_tokens draft tokens."""
         if num_tokens > 0:
@@ -121,9 +125,17 @@ class SpecController:
         """Predicted time of one decode step for a batch of `batch` sequences drafting k each."""
         if k == 0:
             return self._plain_ms(batch) if self._plain_ms else self._pass_ms(batch)
-        verify = self._verify_ms(k, batch) if self._verify_ms else self._pass_ms(batch * (k + 1))
-        draft = self._draft_ms(k, batch) if self._draft_ms else self.draft_ms_per_token * k * batch
+        verify = self._verify_cost(k, batch)
+        if self._draft_ms:
+            draft = self._draft_ms(k, batch)
+        elif self.calibrated:
+            draft = self.draft_ms_per_token * k * batch
+        else:
+            draft = 0.0  # uncalibrated steps are in made-up units: measured ms would not compare
         return verify + draft
+
+    def _verify_cost(self, k: int, batch: int) -> float:
+        return self._verify_ms(k, batch) if self._verify_ms else self._pass_ms(batch * (k + 1))
 
     def best_k(self, alpha: float, batch_size: int) -> int:
         """K in [0, max_k] maximising expected tokens per ms; 0 unless it beats plain by `margin`."""
@@ -196,8 +208,8 @@ class SpecController:
         drafts = self.drafts
         rate = self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
         mean_k = self.draft_tokens / drafts if drafts else 0.0
-        plain = self.step_ms(0, 1)
-        ratio = (self._draft_ms(1, 1) if self._draft_ms else self.draft_ms_per_token) / plain
+        # c = drafting one token / one plain step (batch 1), as in the seed speedup formula
+        ratio = (self.step_ms(1, 1) - self._verify_cost(1, 1)) / self.step_ms(0, 1)
         alpha = self.alpha()
         return {
             "drafts": drafts,

@@ -1,0 +1,168 @@
+"""SpecController: K follows acceptance and cost, disabled sequences recover by probing, stats add up."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from specache.spec.controller import SpecController, expected_speedup, expected_tokens
+
+# A memory-bound target: a pass over up to 64 tokens costs about the same as over 1 (CPU decode).
+MEMORY_BOUND = {1: 0.020, 8: 0.021, 32: 0.024, 64: 0.030}
+# A compute-bound target: cost grows linearly with the tokens in the pass.
+COMPUTE_BOUND = {1: 0.002, 64: 0.128}
+
+
+def test_expected_tokens_and_seed_speedup_formula():
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.8, 4) == pytest.approx((1 - 0.8 ** 5) / 0.2)
+    assert expected_speedup(0.8, 4, 0.0) == pytest.approx(3.3616)
+    assert expected_speedup(0.8, 4, 0.1) == pytest.approx(3.3616 / 1.4)
+    assert SpecController.expected_speedup(0.0, 3, 0.5) == pytest.approx(1 / 2.5)
+
+
+def test_high_acceptance_keeps_k_at_max():
+    c = SpecController(max_k=4)
+    c.calibrate(MEMORY_BOUND)
+    for _ in range(20):
+        k = c.choose_k(1, batch_size=1)
+        assert k == 4
+        c.record(1, k, k)
+
+
+def test_low_acceptance_turns_speculation_off():
+    c = SpecController(max_k=4, probe_every=1000)
+    c.calibrate(MEMORY_BOUND)
+    ks = []
+    for _ in range(10):
+        k = c.choose_k(1, batch_size=1)
+        ks.append(k)
+        if k:
+            c.record(1, k, 0)
+    assert ks[0] == 4  # optimistic before any evidence
+    assert ks[-5:] == [0] * 5
+    assert c.alpha(1) < c.min_alpha
+
+
+def test_disabled_sequence_probes_and_recovers():
+    c = SpecController(max_k=4, probe_every=8)
+    c.calibrate(MEMORY_BOUND)
+    for _ in range(6):
+        k = c.choose_k(1, 1)
+        if k:
+            c.record(1, k, 0)
+    assert c.choose_k(1, 1) == 0
+    # While drafts stay bad, only every probe_every-th step drafts (a short probe).
+    ks = []
+    for _ in range(32):
+        k = c.choose_k(1, 1)
+        ks.append(k)
+        if k:
+            c.record(1, k, 0)
+    assert [i for i, k in enumerate(ks) if k] and all(k in (0, c.probe_k) for k in ks)
+    assert sum(1 for k in ks if k) == 32 // 8
+    # The text becomes predictable: probes get accepted and speculation comes back for good.
+    ks = []
+    for _ in range(40):
+        k = c.choose_k(1, 1)
+        ks.append(k)
+        if k:
+            c.record(1, k, k)
+    assert ks[-10:] == [4] * 10
+    assert ks.index(4) <= 3 * 8
+    assert c.stats()["probes"] >= 4
+
+
+def test_large_compute_bound_batches_do_not_speculate_and_do_not_probe():
+    c = SpecController(max_k=4, probe_every=2)
+    c.calibrate(COMPUTE_BOUND)
+    for _ in range(10):
+        assert c.choose_k(1, batch_size=32) == 0  # verifying 5x the tokens costs 5x: never pays
+    assert c.stats()["probes"] == 0  # off for cost, not acceptance: probing could not help
+    # Same acceptance on a memory-bound target: batch 1 speculates, a huge batch does not.
+    c2 = SpecController(max_k=4)
+    c2.calibrate(MEMORY_BOUND)
+    assert c2.choose_k(1, batch_size=1) == 4
+    assert c2.choose_k(2, batch_size=4096) == 0
+
+
+def test_k_balances_acceptance_against_draft_cost():
+    # Verify is free, drafting costs 0.3 of a step per token: short drafts for mediocre acceptance.
+    c = SpecController(max_k=8)
+    c.calibrate(verify_ms=lambda k, b: 10.0, plain_ms=lambda b: 10.0, draft_ms=lambda k, b: 3.0 * k)
+    rates = {k: expected_tokens(0.7, k) / (10.0 + 3.0 * k) for k in range(1, 9)}
+    assert c.best_k(0.7, 1) == max(rates, key=rates.get)
+    assert 0 < c.best_k(0.7, 1) < 8
+    assert c.best_k(0.98, 1) > c.best_k(0.7, 1)
+    assert c.best_k(0.2, 1) == 0  # 1.2 tokens for 1.3 steps: plain is faster
+
+
+def test_measured_draft_time_is_used_without_draft_ms():
+    c = SpecController(max_k=8)
+    c.calibrate(MEMORY_BOUND)
+    free = c.best_k(0.7, 1)
+    for _ in range(20):
+        c.record_draft_time(seconds=0.010, num_tokens=1)  # half a target step per drafted token
+    assert c.draft_ms_per_token == pytest.approx(10.0)
+    assert c.best_k(0.7, 1) < free
+
+
+def test_alpha_estimate_is_per_token_acceptance_not_accepted_over_drafted():
+    rng = random.Random(0)
+    c = SpecController(max_k=4, global_decay=1.0)
+    true_alpha = 0.7
+    for _ in range(3000):
+        n = 0
+        while n < 4 and rng.random() < true_alpha:
+            n += 1
+        c.record(rng.randrange(50), 4, n)
+    s = c.stats()
+    assert c.alpha() == pytest.approx(true_alpha, abs=0.02)
+    # accepted / drafted = (a + a^2 + a^3 + a^4) / 4 for geometric acceptance: well below alpha
+    assert s["acceptance_rate"] == pytest.approx(sum(true_alpha ** i for i in range(1, 5)) / 4, abs=0.02)
+
+
+def test_new_sequences_start_from_the_global_estimate():
+    c = SpecController(max_k=4, global_decay=1.0)
+    for seq in range(20):
+        c.record(seq, 4, 0)
+    assert c.alpha(999) < 0.1
+    c.calibrate(MEMORY_BOUND)
+    assert c.choose_k(999, 1) == 0  # a fresh sequence in a hopeless workload starts off
+
+
+def test_stats_math():
+    c = SpecController(max_k=4)
+    c.record(1, 4, 4)
+    c.record(1, 4, 1)
+    c.record(2, 2, 0)
+    c.record(2, 0, 0)  # no draft: not a verification step
+    s = c.stats()
+    assert (s["drafts"], s["draft_tokens"], s["accepted_tokens"]) == (3, 10, 5)
+    assert s["acceptance_rate"] == pytest.approx(0.5)
+    assert s["mean_accepted_length"] == pytest.approx(1 + 5 / 3)
+    assert s["mean_draft_length"] == pytest.approx(10 / 3)
+    assert s["acceptance_per_position"] == pytest.approx([2 / 3, 1 / 3, 1 / 2, 1 / 2])
+    assert SpecController().stats()["drafts"] == 0
+
+
+def test_release_and_zero_max_k():
+    c = SpecController(max_k=4)
+    c.record(3, 4, 2)
+    c.release(3)
+    assert 3 not in c.seqs
+    off = SpecController(max_k=0)
+    assert off.choose_k(1, 1) == 0
+
+
+def test_stats_expected_speedup_uses_the_seed_formula():
+    c = SpecController(max_k=4)
+    c.calibrate(verify_ms=lambda k, b: 10.0, plain_ms=lambda b: 10.0, draft_ms=lambda k, b: 2.0 * k)
+    for _ in range(5):
+        c.record(1, 4, 4)
+        c.record(1, 4, 3)
+    s = c.stats()
+    assert s["draft_cost_ratio"] == pytest.approx(0.2)
+    assert s["expected_speedup"] == pytest.approx(expected_speedup(c.alpha(), 4, 0.2))
