@@ -1,33 +1,55 @@
 """Radix tree over token ids whose edges map to KV blocks (RadixAttention-style prefix cache).
 
-Tensor-free. Only full blocks are cached, so every edge is a whole number of blocks. A tenant
-salt selects a separate root: one tenant never matches, and so can never time, another's
-prefix. The tree holds one pool reference on every block it caches; nodes on the path of a
-running sequence are locked and never evicted. Eviction takes least-recently-used unlocked
-leaves, trimming each from its deepest block, so ancestors outlive descendants.
+Tensor-free bookkeeping. Only full blocks are cached, so every edge holds a whole number of
+blocks: a node's ``key`` is ``block_size * len(blocks)`` token ids and ``blocks[i]`` holds the
+K/V of ``key[i*bs:(i+1)*bs]`` in the context of everything above it.
+
+Ownership: the tree holds exactly one pool reference on every block it caches; each running
+sequence holds its own reference on every block of its block table (the scheduler increfs the
+blocks of a match and frees them when the sequence ends).
+
+- A tenant salt (``cache_salt``) selects a separate root, so one tenant never matches, and so
+  can never time, another tenant's prefix.
+- ``match_prefix`` never covers the whole prompt: the last prompt token must be computed to get
+  logits. A match that ends inside an edge splits that edge at the block boundary, so the
+  returned ``last_node`` ends exactly where the match ends.
+- A running sequence locks its ``last_node``: lock counts run up to the root and locked nodes
+  are never evicted.
+- ``evict`` frees least-recently-used unlocked leaves, trimming each from its deepest block
+  (ancestors outlive descendants). A block also held by a running sequence would free nothing,
+  so it is kept (and so is everything above it): eviction only drops blocks that really free.
+- Recency is a monotonic counter, not wall time, so eviction order is deterministic.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from specache.kv.block_pool import BlockPool
 
+# (salt, token ids from the root up to and including the block, block id), called before the
+# tree drops its reference to an evicted block: the hook for a CPU/disk tier to copy the K/V out.
+EvictHook = Callable[[Hashable, tuple[int, ...], int], None]
 
-@dataclass(eq=False)
+
+@dataclass(eq=False, slots=True)
 class Node:
     key: tuple[int, ...] = ()
     blocks: list[int] = field(default_factory=list)
     parent: Node | None = None
-    children: dict[tuple[int, ...], Node] = field(default_factory=dict)
+    salt: Hashable = None
+    children: dict[tuple[int, ...], Node] = field(default_factory=dict)  # first block's tokens -> child
     lock_ref: int = 0
     last_access: int = 0
-    salt: Hashable = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.parent is None
 
     def path_tokens(self) -> tuple[int, ...]:
+        """Token ids from the root to the end of this node."""
         parts, node = [], self
         while node is not None:
             parts.append(node.key)
@@ -43,61 +65,66 @@ class MatchResult:
 
 
 class RadixCache:
-    def __init__(self, pool: BlockPool, block_size: int,
-                 on_evict: Callable[[Hashable, tuple[int, ...], int], None] | None = None) -> None:
+    def __init__(self, pool: BlockPool, block_size: int, on_evict: EvictHook | None = None) -> None:
+        if block_size != pool.block_size:
+            raise ValueError(f"block_size {block_size} differs from the pool's {pool.block_size}")
         self.pool = pool
         self.block_size = block_size
-        self.on_evict = on_evict  # (salt, tokens up to and including the block, block id): the CPU tier
+        self.on_evict = on_evict
         self.roots: dict[Hashable, Node] = {}
-        self._clock = itertools.count(1)
-        self._stats = {"queries": 0, "query_tokens": 0, "hit_tokens": 0, "evicted_blocks": 0,
+        self._clock = 0
+        self._cached = 0
+        self._stats = {"queries": 0, "query_tokens": 0, "hit_tokens": 0, "evictions": 0,
                        "inserted_blocks": 0}
 
     # ------------------------------------------------------------------ walking
 
-    def _root(self, salt: Hashable) -> Node:
-        root = self.roots.get(salt)
-        if root is None:
-            root = self.roots[salt] = Node(salt=salt)
-        return root
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
 
-    def _blocks_matching(self, node: Node, tokens: Sequence[int], start: int, limit: int) -> int:
-        """How many of node's blocks equal tokens[start:], without passing `limit` tokens."""
-        bs, m = self.block_size, 0
-        while m < len(node.blocks) and start + (m + 1) * bs <= limit and \
-                tuple(tokens[start + m * bs: start + (m + 1) * bs]) == node.key[m * bs: (m + 1) * bs]:
+    def _matching_blocks(self, node: Node, toks: tuple[int, ...], pos: int, limit: int) -> int:
+        """How many of node's blocks equal toks[pos:] within `limit` tokens (the first one always does)."""
+        bs, key = self.block_size, node.key
+        n = min(len(key), (limit - pos) // bs * bs)
+        if toks[pos: pos + n] == key[:n]:
+            return n // bs
+        m = 1
+        while toks[pos + m * bs: pos + (m + 1) * bs] == key[m * bs: (m + 1) * bs]:
             m += 1
         return m
 
     def _split(self, node: Node, m: int) -> Node:
-        """Cut node after m blocks; returns the new upper part (which inherits locks and recency)."""
+        """Cut node after m blocks; the new upper part inherits its locks and recency. Returns it.
+
+        The node object itself keeps the lower part, so whoever holds it (a locked sequence) still
+        holds a node that ends where it did."""
         bs = self.block_size
-        upper = Node(node.key[: m * bs], node.blocks[:m], node.parent, {}, node.lock_ref, node.last_access,
-                     node.salt)
+        upper = Node(node.key[: m * bs], node.blocks[:m], node.parent, node.salt, {}, node.lock_ref,
+                     node.last_access)
         node.parent.children[upper.key[:bs]] = upper
-        node.key, node.blocks = node.key[m * bs:], node.blocks[m:]
-        node.parent = upper
+        node.key, node.blocks, node.parent = node.key[m * bs:], node.blocks[m:], upper
         upper.children[node.key[:bs]] = node
         return upper
 
-    def _walk(self, tokens: Sequence[int], salt: Hashable, limit: int) -> tuple[Node, int, list[int]]:
-        """Follow tokens down the tree (splitting a partly matched edge); returns (node, tokens, blocks)."""
-        bs = self.block_size
-        node, pos, blocks = self._root(salt), 0, []
-        now = next(self._clock)
-        node.last_access = now
+    def _walk(self, toks: tuple[int, ...], root: Node, now: int) -> tuple[Node, int, list[int]]:
+        """Follow toks down from root, splitting a partly matched edge; returns (node, tokens, blocks)."""
+        bs, limit = self.block_size, len(toks)
+        node, pos, blocks = root, 0, []
+        root.last_access = now
         while pos + bs <= limit:
-            child = node.children.get(tuple(tokens[pos: pos + bs]))
+            child = node.children.get(toks[pos: pos + bs])
             if child is None:
                 break
-            m = self._blocks_matching(child, tokens, pos, limit)
-            if m < len(child.blocks):
+            m = self._matching_blocks(child, toks, pos, limit)
+            partial = m < len(child.blocks)
+            if partial:
                 child = self._split(child, m)
             child.last_access = now
             blocks.extend(child.blocks)
             pos += m * bs
             node = child
-            if m == 0:
+            if partial:
                 break
         return node, pos, blocks
 
@@ -105,93 +132,158 @@ class RadixCache:
 
     def match_prefix(self, token_ids: Sequence[int], salt: Hashable = None) -> MatchResult:
         """Longest cached block-aligned prefix, leaving at least the last token to compute."""
-        limit = (max(len(token_ids) - 1, 0) // self.block_size) * self.block_size
-        node, n, blocks = self._walk(token_ids, salt, limit)
+        n = len(token_ids)
+        limit = (n - 1) // self.block_size * self.block_size if n else 0
         self._stats["queries"] += 1
-        self._stats["query_tokens"] += len(token_ids)
-        self._stats["hit_tokens"] += n
-        return MatchResult(blocks, n, node)
+        self._stats["query_tokens"] += n
+        root = self.roots.get(salt)
+        if root is None:  # an unseen tenant gets a detached root: nothing to match, nothing stored
+            return MatchResult([], 0, Node(salt=salt))
+        node, pos, blocks = self._walk(tuple(map(int, token_ids[:limit])), root, self._tick())
+        self._stats["hit_tokens"] += pos
+        return MatchResult(blocks, pos, node)
 
     def lock(self, node: Node) -> None:
+        """Protect node and its ancestors from eviction (one count per running sequence)."""
         while node is not None:
             node.lock_ref += 1
             node = node.parent
 
     def unlock(self, node: Node) -> None:
-        while node is not None:
-            if node.lock_ref <= 0:
+        cur = node
+        while cur is not None:  # check first: a bad unlock must not leave half-decremented counts
+            if cur.lock_ref <= 0:
                 raise AssertionError("unlock of an unlocked radix node")
+            cur = cur.parent
+        while node is not None:
             node.lock_ref -= 1
             node = node.parent
 
     def insert(self, token_ids: Sequence[int], block_ids: Sequence[int], salt: Hashable = None) -> int:
-        """Cache the full-block prefix of a sequence; returns the number of newly cached tokens."""
+        """Cache the full-block prefix of a sequence; returns the number of newly cached tokens.
+
+        The tree takes its own pool reference on the blocks it did not cache yet. Where the tree
+        already holds the prefix (a duplicate computed concurrently), the caller's blocks are left
+        alone: the caller frees its own references as usual."""
         bs = self.block_size
-        n_blocks = min(len(token_ids) // bs, len(block_ids))
-        limit = n_blocks * bs
-        node, pos, _ = self._walk(token_ids, salt, limit)
-        if pos >= limit:
+        n_blocks = len(token_ids) // bs
+        if len(block_ids) < n_blocks:
+            raise ValueError(f"{len(token_ids)} tokens need {n_blocks} blocks, got {len(block_ids)}")
+        if n_blocks == 0:
             return 0
-        new_blocks = list(block_ids[pos // bs: n_blocks])
-        leaf = Node(tuple(token_ids[pos:limit]), new_blocks, node, {}, 0, next(self._clock), salt)
+        limit = n_blocks * bs
+        toks = tuple(map(int, token_ids[:limit]))
+        root = self.roots.get(salt)
+        if root is None:
+            root = self.roots[salt] = Node(salt=salt)
+        now = self._tick()
+        node, pos, _ = self._walk(toks, root, now)
+        if pos == limit:
+            return 0
+        new = [int(b) for b in block_ids[pos // bs: n_blocks]]
+        self.pool.incref(new)  # first: a freed block id raises before anything is cached
+        leaf = Node(toks[pos:], new, node, salt, {}, 0, now)
         node.children[leaf.key[:bs]] = leaf
-        self.pool.incref(new_blocks)
-        self._stats["inserted_blocks"] += len(new_blocks)
+        self._cached += len(new)
+        self._stats["inserted_blocks"] += len(new)
         return limit - pos
 
-    def _evictable_leaves(self) -> list[tuple[int, int, Node]]:
-        heap, tie = [], itertools.count()
-        for root in self.roots.values():
-            stack = list(root.children.values())
-            while stack:
-                node = stack.pop()
-                if node.children:
-                    stack.extend(node.children.values())
-                elif self._evictable(node):
-                    heap.append((node.last_access, next(tie), node))
-        heapq.heapify(heap)
-        return heap
-
-    def _evictable(self, node: Node) -> bool:
-        # A tail block still referenced by a running sequence frees nothing: keep that leaf.
-        return node.lock_ref == 0 and bool(node.blocks) and self.pool.ref_count(node.blocks[-1]) == 1
-
     def evict(self, num_blocks: int) -> int:
-        """Free up to num_blocks pool blocks from LRU unlocked leaves; returns blocks actually freed."""
-        heap, tie = self._evictable_leaves(), itertools.count(1 << 40)
-        freed = 0
+        """Free up to num_blocks pool blocks, least-recently-used leaves first and each from its
+        deepest block; returns how many blocks actually became free."""
+        if num_blocks <= 0:
+            return 0
+        heap = [(leaf.last_access, i, leaf) for i, leaf in enumerate(self._nodes())
+                if not leaf.children and leaf.lock_ref == 0]
+        heapq.heapify(heap)
+        tie, freed = len(heap), 0
         while heap and freed < num_blocks:
             _, _, leaf = heapq.heappop(heap)
-            edge = leaf.key[: self.block_size]
-            while leaf.blocks and freed < num_blocks and self._evictable(leaf):
-                freed += self._drop_tail_block(leaf)
-            if leaf.blocks:
+            k = self._droppable_tail(leaf, num_blocks - freed)
+            if k == 0:
                 continue
-            parent = leaf.parent
-            del parent.children[edge]
-            if parent.parent is not None and not parent.children and self._evictable(parent):
-                heapq.heappush(heap, (parent.last_access, next(tie), parent))
+            edge = leaf.key[: self.block_size]
+            freed += self._drop_tail(leaf, k)
+            if leaf.blocks:
+                continue  # trimmed only: enough freed, or the rest is still used by a sequence
+            parent = self._detach(leaf, edge)
+            if not parent.children and parent.lock_ref == 0 and not parent.is_root:
+                tie += 1
+                heapq.heappush(heap, (parent.last_access, tie, parent))
         return freed
 
-    def _drop_tail_block(self, leaf: Node) -> int:
-        block = leaf.blocks[-1]
-        if self.on_evict is not None:
-            self.on_evict(leaf.salt, leaf.path_tokens(), block)
-        leaf.blocks.pop()
-        leaf.key = leaf.key[: len(leaf.blocks) * self.block_size]
+    def reset(self) -> int:
+        """Drop every unlocked node (the tree's references, even on blocks a sequence still uses);
+        returns how many blocks became free. Locked paths stay."""
         before = self.pool.num_free
-        self.pool.free([block])
-        self._stats["evicted_blocks"] += 1
+        for root in list(self.roots.values()):
+            stack = [root]
+            while stack:
+                node = stack.pop()
+                for edge, child in list(node.children.items()):
+                    if child.lock_ref:
+                        stack.append(child)
+                    else:
+                        self._drop_subtree(child, edge)
+            if not root.children and not root.lock_ref:
+                self._forget_root(root)
         return self.pool.num_free - before
 
-    def reset(self) -> int:
-        """Drop everything evictable (used by tests and on shutdown)."""
-        return self.evict(self.pool.num_blocks)
+    # ------------------------------------------------------------------ eviction helpers
+
+    def _droppable_tail(self, leaf: Node, limit: int) -> int:
+        """Tail blocks of an unlocked leaf held only by the tree, at most `limit`."""
+        k, blocks, ref = 0, leaf.blocks, self.pool.ref_count
+        while k < limit and k < len(blocks) and ref(blocks[-1 - k]) == 1:
+            k += 1
+        return k
+
+    def _drop_tail(self, leaf: Node, k: int) -> int:
+        cut = len(leaf.blocks) - k
+        dropped = leaf.blocks[cut:]
+        if self.on_evict is not None:
+            path = leaf.path_tokens()
+            start = len(path) - len(leaf.key)
+            for i in range(len(dropped) - 1, -1, -1):  # deepest first, as evicted
+                self.on_evict(leaf.salt, path[: start + (cut + i + 1) * self.block_size], dropped[i])
+        del leaf.blocks[cut:]
+        leaf.key = leaf.key[: cut * self.block_size]
+        return self._release(dropped)
+
+    def _release(self, blocks: list[int]) -> int:
+        before = self.pool.num_free
+        self.pool.free(blocks)
+        self._cached -= len(blocks)
+        self._stats["evictions"] += len(blocks)
+        return self.pool.num_free - before
+
+    def _detach(self, node: Node, edge: tuple[int, ...]) -> Node:
+        """Unlink node (whose first block's tokens are `edge`) from its parent; forgets a root left empty."""
+        parent = node.parent
+        del parent.children[edge]
+        if parent.is_root and not parent.children and not parent.lock_ref:
+            self._forget_root(parent)
+        return parent
+
+    def _forget_root(self, root: Node) -> None:
+        if self.roots.get(root.salt) is root:
+            del self.roots[root.salt]
+
+    def _drop_subtree(self, top: Node, edge: tuple[int, ...]) -> None:
+        self._detach(top, edge)
+        order, stack = [], [top]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(node.children.values())
+        for node in reversed(order):  # children first: the evict hook still sees whole paths
+            self._drop_tail(node, len(node.blocks))
 
     # ------------------------------------------------------------------ inspection
 
     def _nodes(self) -> Iterator[Node]:
-        for root in self.roots.values():
+        """Every non-root node, parents before children."""
+        for root in list(self.roots.values()):
             stack = list(root.children.values())
             while stack:
                 node = stack.pop()
@@ -199,23 +291,48 @@ class RadixCache:
                 yield node
 
     def cached_blocks(self) -> int:
-        return sum(len(n.blocks) for n in self._nodes())
+        return self._cached
 
     def evictable_blocks(self) -> int:
-        return sum(1 for n in self._nodes() if n.lock_ref == 0 for b in n.blocks if self.pool.ref_count(b) == 1)
+        """Blocks that ``evict`` could free now: unlocked, held only by the tree, and with nothing
+        below them that has to stay (ancestors outlive descendants)."""
+        order = list(self._nodes())
+        whole: dict[int, bool] = {}  # id(node) -> the whole subtree can go
+        total = 0
+        for node in reversed(order):  # children before parents
+            if not all(whole[id(c)] for c in node.children.values()):
+                whole[id(node)] = False
+                continue
+            tail = self._droppable_tail(node, len(node.blocks)) if node.lock_ref == 0 else 0
+            total += tail
+            whole[id(node)] = tail == len(node.blocks)
+        return total
 
     def iter_entries(self) -> Iterator[tuple[Hashable, tuple[int, ...], list[int]]]:
-        """(salt, tokens from the root, blocks from the root) for every leaf: enough to rebuild the tree."""
-        for node in self._nodes():
-            if not node.children and node.blocks:
-                path, blocks, cur = node.path_tokens(), [], node
-                while cur is not None:
-                    blocks[:0] = cur.blocks
-                    cur = cur.parent
-                yield node.salt, path, blocks
+        """(salt, token ids from the root, block ids from the root) for every leaf. Inserting these
+        (with blocks holding the same K/V) rebuilds the tree's contents. Do not modify the tree
+        while iterating."""
+        for salt, root in list(self.roots.items()):
+            toks: list[int] = []
+            blocks: list[int] = []
+            stack: list[tuple[Node, int, int] | Node] = list(root.children.values())
+            while stack:
+                item = stack.pop()
+                if isinstance(item, tuple):  # leaving a node: restore the path above it
+                    _, nt, nb = item
+                    del toks[nt:], blocks[nb:]
+                    continue
+                stack.append((item, len(toks), len(blocks)))
+                toks.extend(item.key)
+                blocks.extend(item.blocks)
+                if not item.children:
+                    yield salt, tuple(toks), list(blocks)
+                stack.extend(item.children.values())
 
     def stats(self) -> dict:
         s = dict(self._stats)
+        s["evicted_blocks"] = s["evictions"]  # the name earlier callers used
         s["hit_rate"] = s["hit_tokens"] / s["query_tokens"] if s["query_tokens"] else 0.0
-        s["cached_blocks"] = self.cached_blocks()
+        s["cached_blocks"] = self._cached
         return s
+
