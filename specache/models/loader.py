@@ -138,17 +138,26 @@ def _field(reader, key: str, default=None):
 def gguf_config(reader, name: str) -> ModelConfig:
     arch = _field(reader, "general.architecture", "llama")
     p = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
-    heads = int(p("attention.head_count"))
-    hidden = int(p("embedding_length"))
+
+    def need(key: str):
+        value = p(key)
+        if value is None:
+            raise ModelFormatError(f"the GGUF has no {arch}.{key}; it is not a complete model file")
+        return value
+
+    heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
     tensor_names = {t.name for t in reader.tensors}
-    vocab = p("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
+    vocab = p("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens", []))
+    if not vocab:
+        raise ModelFormatError("the GGUF has neither a vocab_size nor a tokenizer token list")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     return ModelConfig(
         arch=arch,
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(p("feed_forward_length")),
-        num_layers=int(p("block_count")),
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")),
         num_heads=heads,
         num_kv_heads=int(p("attention.head_count_kv", heads)),
         head_dim=int(p("attention.key_length", hidden // heads)),
