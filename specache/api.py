@@ -41,8 +41,15 @@ class LLM:
         """One result per prompt, in order; all prompts share the continuous batch."""
         prompts = _as_prompt_list(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [self.engine.add_request(p, sp, priority=priority[i] if priority else 0, cache_salt=cache_salt)
-               for i, (p, sp) in enumerate(zip(prompts, params_list, strict=True))]
+        ids: list[str] = []
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, params_list, strict=True)):
+                ids.append(self.engine.add_request(p, sp, priority=priority[i] if priority else 0,
+                                                   cache_salt=cache_salt))
+        except Exception:
+            for rid in ids:  # one bad prompt rejects the whole call: leave nothing running
+                self.engine.abort(rid)
+            raise
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
             for out in self.engine.step():

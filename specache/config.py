@@ -16,7 +16,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -71,7 +79,12 @@ class EngineConfig:
             self.torch_kv_dtype = torch.float32 if self.torch_device.type == "cpu" else self.torch_dtype
         else:
             self.torch_kv_dtype = resolve_dtype(self.kv_cache_dtype, self.torch_device)
-        self.kv_cache_bytes = parse_bytes(self.kv_cache_memory)
+        try:
+            self.kv_cache_bytes = parse_bytes(self.kv_cache_memory)
+        except ValueError as e:
+            raise ConfigError(f"kv_cache_memory {self.kv_cache_memory!r} is not a size; use e.g. 512MiB or 2GiB") from e
+        if not isinstance(self.block_size, int):
+            raise ConfigError(f"block_size must be an integer, got {self.block_size!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

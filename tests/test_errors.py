@@ -154,9 +154,6 @@ def test_boundary_sampling_params_are_accepted(llm):
         assert len(llm.generate("Hello", p)[0].token_ids) <= 2
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug in LLM.generate (api.py): prompts added before a rejected one stay in the "
-                          "engine as orphans; reported to the lead")
 def test_a_rejected_prompt_in_a_batch_leaves_nothing_behind(tiny_model_dir):
     llm = LLM(model=str(tiny_model_dir), dtype="float32", kv_cache_memory="4MiB")
     with raises(InvalidPromptError, "empty"):
@@ -300,9 +297,6 @@ def test_bad_engine_config(kwargs, words):
         EngineConfig(device="cpu", **kwargs)
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, RuntimeError),
-                   reason="bug in config.py / kv/sizing.py: unparsable sizes and unknown devices raise "
-                          "ValueError / RuntimeError, not ConfigError; reported to the lead")
 @pytest.mark.parametrize("kwargs", [dict(kv_cache_memory="lots"), dict(device="tpu")])
 def test_unparsable_engine_config_values(kwargs):
     with raises(ConfigError):
@@ -314,9 +308,6 @@ def test_bad_engine_config_through_llm(tiny_model_dir):
         LLM(model=str(tiny_model_dir), dtype="float32", max_num_seqs=0)
 
 
-@pytest.mark.xfail(strict=True, raises=PromptTooLongError,
-                   reason="bug in engine.py: a KV budget below one block raises PromptTooLongError "
-                          "(a config problem, not a prompt one); reported to the lead")
 def test_kv_budget_below_one_block_is_a_config_error(tiny_model_dir):
     with raises(ConfigError, "kv_cache_memory"):
         LLM(model=str(tiny_model_dir), dtype="float32", kv_cache_memory=1000)

@@ -15,7 +15,7 @@ from specache.engine.runner import BatchItem, ModelRunner
 from specache.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from specache.engine.sequence import Sequence
 from specache.engine.stopping import find_stop_string, held_back, token_stop_reason
-from specache.errors import InvalidPromptError, PromptTooLongError
+from specache.errors import ConfigError, InvalidPromptError, PromptTooLongError
 from specache.kv.block_pool import BlockPool
 from specache.kv.cache import KVCache
 from specache.kv.sizing import num_blocks_for_budget
@@ -38,7 +38,7 @@ class Engine:
                                  mc.max_position_embeddings)
         num_blocks = num_blocks_for_budget(mc, config.kv_cache_bytes, config.block_size, config.torch_kv_dtype)
         if num_blocks < 1:
-            raise PromptTooLongError(f"kv_cache_memory={config.kv_cache_memory} holds no block; raise it")
+            raise ConfigError(f"kv_cache_memory={config.kv_cache_memory} holds no KV block of this model; raise it")
         self.pool = BlockPool(num_blocks, config.block_size)
         self.cache = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
                              config.torch_kv_dtype, self.device)
@@ -107,7 +107,8 @@ class Engine:
             raise PromptTooLongError(
                 f"the prompt has {num_prompt} tokens but max_model_len is {self.max_model_len}; "
                 "shorten the prompt or raise --max-model-len")
-        worst = min(num_prompt + params.max_tokens, self.max_model_len) + self.config.num_spec_tokens
+        spec_slots = self.config.num_spec_tokens if self.spec is not None else 0
+        worst = min(num_prompt + params.max_tokens, self.max_model_len) + spec_slots
         if self.pool.blocks_needed(worst) > self.pool.num_blocks:
             raise PromptTooLongError(
                 f"prompt + max_tokens needs {worst} tokens of KV cache but the whole budget holds "
