@@ -8,6 +8,7 @@ import importlib
 # suite name -> module under specache.bench providing add_arguments(parser) and run(args) -> dict
 SUITES = {
     "decode": "decode",
+    "prefix": "prefix",
     "quality": "quality",
     "prefix": "prefix",
     "spec": "spec",
