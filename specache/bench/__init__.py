@@ -8,7 +8,6 @@ import importlib
 # suite name -> module under specache.bench providing add_arguments(parser) and run(args) -> dict
 SUITES = {
     "decode": "decode",
-    "prefix": "prefix",
     "quality": "quality",
     "prefix": "prefix",
     "spec": "spec",
