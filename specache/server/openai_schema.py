@@ -29,31 +29,37 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """Fields shared by /v1/chat/completions and /v1/completions."""
+    """Fields shared by /v1/chat/completions and /v1/completions. Defaults are OpenAI's."""
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str = Field(description="the served model name (GET /v1/models)")
     max_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: Annotated[int, Field(ge=-1, le=1 << 20)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: Annotated[int, Field(ge=-1, le=1 << 20)] = 0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
+    # Bounded away from 0: logits / 5e-324 overflow to inf and the sampler cannot draw from NaN.
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0, allow_inf_nan=False)] = 1.0
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: Stop = None
     seed: Seed | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
     # specache extensions
-    cache: CacheMode = Field("use", description="response cache: use | bypass | refresh (regenerate, overwrite)")
+    cache: CacheMode = Field(
+        "use", description="response cache: use | bypass | refresh (regenerate, overwrite)"
+    )
     cache_tags: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=16)] = Field(
-        default_factory=list)
+        default_factory=list
+    )
     speculative: dict[str, Any] | str | None = Field(
-        None, description="per-request speculative decoding override; accepted, currently a no-op "
-        "(the engine picks the method at start and adapts K per step)")
+        None,
+        description="per-request speculative decoding override; accepted, currently a no-op "
+        "(the engine picks the method at start and adapts K per step)",
+    )
     priority: Annotated[int, Field(ge=-1000, le=1000)] = Field(0, description="lower = scheduled sooner")
 
 
@@ -76,6 +82,13 @@ class ChatMessage(BaseModel):
             return self.content
         return "\n".join(p.text for p in self.content)
 
+    def as_template_dict(self) -> dict[str, Any]:
+        """{"role", "content": str} (+ "name"): the shape chat templates and cache keys expect."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -88,8 +101,12 @@ PromptIds = Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]], Field(min_l
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)] | PromptIds | Annotated[
-        list[PromptIds], Field(min_length=1, max_length=64)]
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=64)]
+        | PromptIds
+        | Annotated[list[PromptIds], Field(min_length=1, max_length=64)]
+    )
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
 
@@ -173,7 +190,12 @@ class ErrorResponse(BaseModel):
 # Declared on every route so the OpenAPI document (and the fuzzer reading it) knows the error shape.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": desc}
-    for code, desc in [(400, "invalid request"), (401, "bad or missing API key"), (404, "unknown model"),
-                       (429, "too many requests in flight"), (503, "shutting down / overloaded"),
-                       (504, "request timed out")]
+    for code, desc in [
+        (400, "invalid request"),
+        (401, "bad or missing API key"),
+        (404, "unknown model"),
+        (429, "too many requests in flight"),
+        (503, "shutting down / overloaded"),
+        (504, "request timed out"),
+    ]
 }

