@@ -13,6 +13,11 @@ import torch
 
 from specache.errors import InvalidSamplingParamsError
 
+# Temperatures below this are greedy (as in vLLM): dividing logits by ~1e-300 overflows to inf/NaN.
+MIN_TEMPERATURE = 1e-5
+# Beyond these bounds the penalty overflows logits and helps nobody.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
 
 @dataclass
 class SamplingParams:
@@ -52,8 +57,9 @@ class SamplingParams:
             bad(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if not 0 < self.repetition_penalty < float("inf"):
-            bad(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            bad(f"repetition_penalty must be in [{low}, {high}] (1 = off), got {self.repetition_penalty}")
         if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
             bad("presence_penalty and frequency_penalty must be in [-2, 2]")
         if not isinstance(self.n, int) or self.n < 1:
@@ -63,7 +69,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
@@ -98,9 +104,10 @@ def _top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(1)
     remove = ranks >= k
     sorted_probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-    # Nucleus: drop a token when the mass strictly before it already reaches top_p.
+    # Nucleus: drop a token when the mass strictly before it already reaches top_p. Rows with
+    # top_p = 1 skip it: float32 cumsum reaches 1.0 before the tail and would drop rare tokens.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    remove |= mass_before >= top_p.unsqueeze(1)
+    remove |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
     remove |= sorted_probs < (min_p.unsqueeze(1) * sorted_probs[:, :1])
     remove[:, 0] = False  # always keep the most likely token
     mask = torch.zeros_like(remove).scatter(1, order, remove)
@@ -152,12 +159,15 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def sample(probs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One token per row. Greedy rows take the argmax; others draw with their own generator."""
-    out: list[int] = []
-    argmax = probs.argmax(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if p.greedy:
-            out.append(argmax[i])
-        else:
-            out.append(int(torch.multinomial(probs[i], 1, generator=generators[i]).item()))
+    """One token per row. Greedy rows take the argmax; others draw with their own generator.
+
+    Generators live on the CPU so a seed gives the same draws on any device; sampled rows are
+    copied to the CPU once (the draw needs a host sync anyway)."""
+    out = probs.argmax(dim=-1).tolist()
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        rows = probs[sampled].float().cpu() if probs.device.type != "cpu" else probs
+        for j, i in enumerate(sampled):
+            row = rows[j] if rows is not probs else probs[i]
+            out[i] = int(torch.multinomial(row, 1, generator=generators[i]).item())
     return out

@@ -129,7 +129,9 @@ def test_prompt_plus_max_tokens_over_the_whole_kv_budget_is_rejected_up_front(ti
     (dict(top_k=-2), ("top_k", "-1")),
     (dict(top_k=2.5), ("top_k", "integer")),
     (dict(min_p=1.5), ("min_p",)),
-    (dict(repetition_penalty=0), ("repetition_penalty", "> 0")),
+    (dict(repetition_penalty=0), ("repetition_penalty", "[0.01, 100.0]")),
+    (dict(repetition_penalty=5e-324), ("repetition_penalty", "[0.01, 100.0]")),
+    (dict(repetition_penalty=1e9), ("repetition_penalty", "[0.01, 100.0]")),
     (dict(repetition_penalty=float("nan")), ("repetition_penalty",)),
     (dict(presence_penalty=3), ("presence_penalty", "[-2, 2]")),
     (dict(frequency_penalty=-2.5), ("frequency_penalty", "[-2, 2]")),
@@ -149,9 +151,22 @@ def test_bad_sampling_params(llm, kwargs, words):
 
 def test_boundary_sampling_params_are_accepted(llm):
     for p in [SamplingParams(temperature=0), SamplingParams(top_p=1.0), SamplingParams(top_k=-1),
-              SamplingParams(min_p=1.0), SamplingParams(presence_penalty=2, frequency_penalty=-2)]:
+              SamplingParams(min_p=1.0), SamplingParams(presence_penalty=2, frequency_penalty=-2),
+              SamplingParams(repetition_penalty=0.01), SamplingParams(repetition_penalty=100.0)]:
         p.max_tokens = 2
         assert len(llm.generate("Hello", p)[0].token_ids) <= 2
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-6])
+def test_a_vanishing_temperature_is_greedy_not_nan(llm, temperature):
+    """Found by the API fuzzer: logits / 1e-300 overflow to inf and NaN probabilities used to fail
+    the whole batch. Below 1e-5 the request is greedy, batched beside a normal one."""
+    greedy = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    tiny, normal = llm.generate(["Hello", "Hi"], [SamplingParams(max_tokens=4, temperature=temperature,
+                                                                ignore_eos=True),
+                                                 SamplingParams(max_tokens=4, temperature=0.8, seed=1)])
+    assert tiny.token_ids == greedy.token_ids
+    assert normal.token_ids
 
 
 def test_a_rejected_prompt_in_a_batch_leaves_nothing_behind(tiny_model_dir):

@@ -317,3 +317,11 @@ def test_eos_stops_unless_ignore_eos(llm):
             llm.engine.eos_ids.discard(eos)
     assert out.finish_reason == "stop" and out.token_ids == ref[: ref.index(eos) + 1]
     assert ignored.token_ids == ref and ignored.finish_reason == "length"
+
+
+def test_top_p_one_keeps_a_vanishing_tail():
+    """float32 cumsum reaches 1.0 before the last tokens; top_p = 1 must not drop them."""
+    logits = torch.zeros(1, V)
+    logits[0, 0] = 40.0  # every other token has probability ~4e-18
+    probs = logits_to_probs(logits, [SamplingParams(top_k=V, top_p=1.0)])
+    assert probs[0].nonzero().numel() == V
