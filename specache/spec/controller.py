@@ -14,7 +14,8 @@ from `record_draft_time` measurements. K is the value that maximises tokens per 
 no K beats plain decoding by `margin`, or when alpha fell below `min_alpha` after warm-up.
 
 Recovery. A sequence switched off because of its acceptance (not because of cost) is probed
-with a short draft every `probe_every` steps, so it comes back when the text becomes predictable.
+with a short draft every `probe_every` steps, so it comes back when the text becomes predictable;
+a new sequence that starts off because of the global prior is probed on its first step.
 """
 
 from __future__ import annotations
@@ -169,10 +170,12 @@ class SpecController:
             return 0
         low = st.raw_trials >= self.warmup_trials and alpha < self.min_alpha
         k = 0 if low else self.best_k(alpha, batch_size)
-        # Off because drafts are bad, while good drafts would pay: probe now and then.
+        # Off because drafts are bad, while good drafts would pay: probe now and then, and at once
+        # for a sequence with no record of its own (the global prior came from other requests:
+        # one copy-heavy request after many open-ended ones must not wait probe_every steps).
         if k == 0 and (low or self.best_k(_HIGH_ALPHA, batch_size) > 0):
             st.off_steps += 1
-            if st.off_steps % self.probe_every == 0:
+            if st.off_steps % self.probe_every == 0 or (st.raw_trials == 0 and st.off_steps == 1):
                 self.probes += 1
                 return min(self.probe_k, self.max_k)
             return 0
