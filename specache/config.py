@@ -52,7 +52,7 @@ def cpu_has_bf16() -> bool:
 @dataclass
 class EngineConfig:
     dtype: str | torch.dtype = "auto"
-    weight_format: str = "dense"  # dense | int8 | hybrid (int8 for decode rows, bf16 for batches)
+    weight_format: str = "dense"  # dense | int8 | hybrid (int8 for decode rows, dense for batches)
     kv_cache_dtype: str = "auto"  # auto: float32 on CPU (its attention kernels are 2-3x faster), else model dtype
     device: str | None = "auto"
     block_size: int = 16
@@ -73,8 +73,6 @@ class EngineConfig:
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
         if self.weight_format not in ("dense", "int8", "hybrid"):
             raise ConfigError(f"weight_format must be dense, int8 or hybrid, got {self.weight_format!r}")
-        if self.weight_format != "dense":
-            self.torch_dtype = torch.bfloat16  # the int8 kernels take bf16 activations
         if self.kv_cache_dtype == "auto":
             self.torch_kv_dtype = torch.float32 if self.torch_device.type == "cpu" else self.torch_dtype
         else:

@@ -80,3 +80,38 @@ def test_mixed_batch_of_prefills_and_decodes_matches_transformers(tiny_model_dir
         ref = _hf_logits(hf, s.tokens)[d:]
         assert lg.shape == ref.shape
         assert (lg - ref).abs().max().item() < TOL
+
+
+def _prefill_then_decode(model: LlamaModel, prompt: list[int], steps: int,
+                         forced: list[int] | None = None) -> tuple[list[torch.Tensor], list[int]]:
+    """Logits of the prompt's last token and of `steps` decode steps (one row each), feeding the
+    greedy tokens or, when given, the `forced` ones (so two models see the same inputs)."""
+    c = model.config
+    pool = BlockPool(64, BLOCK)
+    runner = ModelRunner(model, KVCache(c.num_layers, 64, BLOCK, c.num_kv_heads, c.head_dim))
+    seq = _seq(0, prompt)
+    _grow(pool, seq, len(prompt))
+    rows = [runner.run([BatchItem(seq, prompt, 0, 1)])[0][-1]]
+    seq.num_computed = len(prompt)
+    for i in range(steps):
+        seq.append(forced[i] if forced else int(rows[-1].argmax()))
+        _grow(pool, seq, seq.num_tokens)
+        rows.append(runner.run([BatchItem(seq, [seq.tokens[-1]], seq.num_tokens - 1, 1)])[0][-1])
+    return rows, seq.output_ids
+
+
+def test_int8_and_hybrid_weights_stay_close_to_dense_and_hybrid_prefill_is_exact(tiny_model_dir):
+    """int8 logits track fp32 within a few percent of their spread, fed the same tokens; hybrid
+    prefills (> 8 rows) with the dense weights, so its prompt logits are closer than int8's."""
+    loaded = load_model(str(tiny_model_dir))
+    prompt = torch.randint(0, 49152, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    dense, tokens = _prefill_then_decode(LlamaModel(loaded.config, loaded.weights), prompt, 8)
+    prefill_error = {}
+    for fmt in ("int8", "hybrid"):
+        model = LlamaModel(loaded.config, loaded.weights, weight_format=fmt)
+        quant, _ = _prefill_then_decode(model, prompt, 8, forced=tokens)
+        assert all(row.dtype == torch.float32 for row in quant)  # int8 weights keep fp32 activations
+        for q, d in zip(quant, dense, strict=True):
+            assert (q - d).abs().max().item() < 0.05 * (d.max() - d.min()).item()
+        prefill_error[fmt] = (quant[0] - dense[0]).abs().max().item()
+    assert prefill_error["hybrid"] < prefill_error["int8"]

@@ -40,23 +40,32 @@ class AttentionMetadata:
 
 
 WEIGHT_FORMATS = ("dense", "int8", "hybrid")
-HYBRID_INT8_MAX_ROWS = 4  # measured here: int8 wins up to ~4 rows, bf16 GEMM from ~8
+# Measured on 2-core AVX2 and AVX512-BF16 CPUs: the int8 kernel wins up to ~8 rows, dense GEMM above.
+HYBRID_INT8_MAX_ROWS = 8
 
 
 class Projection:
     """y = x @ W^T, with W stored the way this machine reads it fastest.
 
-    dense: W pre-transposed [in, out] in the model dtype (``x @ W_t`` reads ~2x faster than F.linear).
-    int8: weight-only int8, one scale per output row, PyTorch's CPU int8-weight kernel with bf16
-      activations: 2-3x faster than fp32/bf16 for 1-4 rows (decode), slower for big batches.
-    hybrid: both copies; int8 for <= 4 rows (decode), bf16 GEMM above (batches, prefill).
+    dense: W in the model dtype; fp32 pre-transposed [in, out] (``x @ W_t`` reads ~2x faster than
+      F.linear on CPU), bf16 as [out, in] for F.linear (on AVX2 CPUs a bf16 ``x @ W_t`` takes a
+      slow path: 170 ms instead of 3 ms for the LM head).
+    int8: weight-only int8, one scale per output row, PyTorch's CPU int8-weight kernel. It takes
+      bf16 activations (fp32 ones are 5-10x slower), so x is cast around the call and the rest of
+      the model keeps its dtype: 2-3x faster than fp32 for 1-8 rows, slower for big batches.
+    hybrid: both copies; int8 for <= HYBRID_INT8_MAX_ROWS rows (decode), dense above (prefill).
     """
 
-    __slots__ = ("dense", "q", "scales")
+    __slots__ = ("dense", "dense_t", "q", "scales")
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device, weight_format: str = "dense") -> None:
         weight = weight.to(device, torch.float32)
-        self.dense = weight.to(dtype).t().contiguous() if weight_format != "int8" else None
+        self.dense = self.dense_t = None
+        if weight_format != "int8":
+            if dtype == torch.float32 and torch.device(device).type == "cpu":
+                self.dense_t = weight.t().contiguous()
+            else:
+                self.dense = weight.to(dtype).contiguous()
         self.q = self.scales = None
         if weight_format in ("int8", "hybrid"):
             scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
@@ -64,9 +73,13 @@ class Projection:
             self.scales = scales.to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q is not None and (self.dense is None or x.shape[0] <= HYBRID_INT8_MAX_ROWS):
-            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales)
-        return x @ self.dense
+        int8_only = self.dense is None and self.dense_t is None
+        if self.q is not None and (int8_only or x.shape[0] <= HYBRID_INT8_MAX_ROWS):
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
+        if self.dense_t is not None:
+            return x @ self.dense_t
+        return F.linear(x, self.dense)
 
 
 @dataclass
@@ -87,11 +100,10 @@ def rope_tables(head_dim: int, max_pos: int, theta: float, device) -> tuple[torc
     return emb.cos().to(device), emb.sin().to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Hugging Face rotate-half RoPE. x [T, heads, hd], cos/sin [T, 1, hd]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face rotate-half RoPE with the sign folded into the table: rotate_half(x) * sin equals
+    roll(x, half) * signed_sin, which takes one op instead of four. x [T, heads, hd], tables [T, 1, hd]."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class LlamaModel:
@@ -100,8 +112,6 @@ class LlamaModel:
                  weight_format: str = "dense") -> None:
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
-        if weight_format != "dense":
-            dtype = torch.bfloat16  # the int8-weight kernel is fast with bf16 activations only
         self.config = config
         self.weight_format = weight_format
         self.dtype = dtype
@@ -133,7 +143,9 @@ class LlamaModel:
                 gate_up=proj(gate_up),
                 down=proj(weights[p + "mlp.down_proj.weight"]),
             ))
-        self.cos, self.sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta, self.device)
+        self.cos, sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta, self.device)
+        half = c.head_dim // 2
+        self.signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
     @property
     def num_layers(self) -> int:
@@ -145,10 +157,11 @@ class LlamaModel:
         qkv = lw.qkv(x)
         if lw.bqkv is not None:
             qkv = qkv + lw.bqkv
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
-        cache.write(layer, meta.slot_mapping, k, v.view(-1, c.num_kv_heads, c.head_dim))
+        # q and k are rotated together: one RoPE call over their heads side by side.
+        t, nh, nkv, hd = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, nh + nkv, hd), cos, sin)
+        q, k = qk[:, :nh], qk[:, nh:]
+        cache.write(layer, meta.slot_mapping, k, qkv[:, self.q_size + self.kv_size:].view(t, nkv, hd))
         gqa = c.num_heads != c.num_kv_heads
         outs = []
         for sa in meta.seqs:
@@ -160,7 +173,7 @@ class LlamaModel:
                 attn_mask=sa.mask, is_causal=sa.mask is None and sa.q_len > 1, enable_gqa=gqa)
             outs.append(o[0].transpose(0, 1).reshape(sa.q_len, self.q_size))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return lw.o(out.to(x.dtype)).to(x.dtype)
+        return lw.o(out if out.dtype == x.dtype else out.to(x.dtype))
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                       cache: KVCache, num_layers: int | None = None) -> torch.Tensor:
@@ -168,14 +181,14 @@ class LlamaModel:
         eps = self.config.rms_norm_eps
         hidden = self.embed[input_ids]
         cos = self.cos[positions].unsqueeze(1).to(self.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(self.dtype)
+        sin = self.signed_sin[positions].unsqueeze(1).to(self.dtype)
         shape = (hidden.shape[-1],)
         for i, lw in enumerate(self.layers[: num_layers or self.num_layers]):
             x = F.rms_norm(hidden, shape, lw.attn_norm, eps)
             hidden = hidden + self._attention(x, i, lw, cos, sin, meta, cache)
             x = F.rms_norm(hidden, shape, lw.ffn_norm, eps)
-            gate, up = lw.gate_up(x).to(x.dtype).chunk(2, dim=-1)
-            hidden = hidden + lw.down(F.silu(gate) * up).to(x.dtype)
+            gate, up = lw.gate_up(x).chunk(2, dim=-1)
+            hidden = hidden + lw.down(F.silu(gate) * up)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
