@@ -84,13 +84,13 @@ def apply_penalties(
     """Repetition penalty (HF style, over prompt + output) and OpenAI presence/frequency
     penalties (over output only). ``logits`` is one row [V], modified in place."""
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
         if len(seen):
             vals = logits[seen]
             rp = params.repetition_penalty
             logits[seen] = torch.where(vals > 0, vals / rp, vals * rp)
     if output_ids and (params.presence_penalty or params.frequency_penalty):
-        ids, counts = torch.tensor(output_ids, dtype=torch.long).unique(return_counts=True)
+        ids, counts = torch.tensor(output_ids, dtype=torch.long, device=logits.device).unique(return_counts=True)
         logits[ids] -= params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
     return logits
 

@@ -105,7 +105,7 @@ def test_a_broken_verifier_fails_the_same_check(small_vocab, monkeypatch):
     from specache.spec.verify import VerifyResult
 
     def accept_all(drafts, draft_probs, target_probs, params, generators):
-        return [VerifyResult(list(d) + [int(torch.multinomial(p[len(d)], 1, generator=g))], len(d))
+        return [VerifyResult(list(d) + [int(torch.multinomial(p[len(d)].cpu(), 1, generator=g))], len(d))
                 for d, p, g in zip(drafts, target_probs, generators, strict=True)]
 
     spec_llm, plain = small_vocab
