@@ -115,3 +115,14 @@ def test_int8_and_hybrid_weights_stay_close_to_dense_and_hybrid_prefill_is_exact
             assert (q - d).abs().max().item() < 0.05 * (d.max() - d.min()).item()
         prefill_error[fmt] = (quant[0] - dense[0]).abs().max().item()
     assert prefill_error["hybrid"] < prefill_error["int8"]
+
+
+def test_hybrid_calibration_picks_a_switch_point_per_projection(tiny_model_dir):
+    from specache.models.llama import CALIBRATION_ROWS
+
+    loaded = load_model(str(tiny_model_dir))
+    model = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
+    projections = [model.lm_head] + [p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+    assert all(p.int8_max_rows in (0, *CALIBRATION_ROWS) for p in projections)
+    # every layer shares the measurement of its shape
+    assert len({lw.gate_up.int8_max_rows for lw in model.layers}) == 1

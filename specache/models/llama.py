@@ -7,6 +7,8 @@ pre-transposed, because ``x @ W_t`` reads weights about twice as fast as ``F.lin
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,8 @@ import torch.nn.functional as F
 
 from specache.kv.cache import KVCache
 from specache.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,8 +44,9 @@ class AttentionMetadata:
 
 
 WEIGHT_FORMATS = ("dense", "int8", "hybrid")
-# Measured on 2-core AVX2 and AVX512-BF16 CPUs: the int8 kernel wins up to ~8 rows, dense GEMM above.
+# Before calibration: measured on 2-core AVX2 and AVX512-BF16 CPUs, int8 wins up to ~8 rows.
 HYBRID_INT8_MAX_ROWS = 8
+CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Projection:
@@ -53,10 +58,12 @@ class Projection:
     int8: weight-only int8, one scale per output row, PyTorch's CPU int8-weight kernel. It takes
       bf16 activations (fp32 ones are 5-10x slower), so x is cast around the call and the rest of
       the model keeps its dtype: 2-3x faster than fp32 for 1-8 rows, slower for big batches.
-    hybrid: both copies; int8 for <= HYBRID_INT8_MAX_ROWS rows (decode), dense above (prefill).
+    hybrid: both copies; int8 up to ``int8_max_rows`` rows (decode), dense above (prefill). The
+      switch point depends on the CPU (8 rows with AVX512-BF16, 16-64 on AVX2), so
+      `calibrate_int8_max_rows` measures it when the model loads.
     """
 
-    __slots__ = ("dense", "dense_t", "q", "scales")
+    __slots__ = ("dense", "dense_t", "q", "scales", "int8_max_rows")
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device, weight_format: str = "dense") -> None:
         weight = weight.to(device, torch.float32)
@@ -67,19 +74,48 @@ class Projection:
             else:
                 self.dense = weight.to(dtype).contiguous()
         self.q = self.scales = None
+        self.int8_max_rows = HYBRID_INT8_MAX_ROWS
         if weight_format in ("int8", "hybrid"):
             scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
             self.q = (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
             self.scales = scales.to(torch.bfloat16)
+            if weight_format == "int8":
+                self.int8_max_rows = 1 << 62
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        int8_only = self.dense is None and self.dense_t is None
-        if self.q is not None and (int8_only or x.shape[0] <= HYBRID_INT8_MAX_ROWS):
-            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales)
-            return y if y.dtype == x.dtype else y.to(x.dtype)
-        if self.dense_t is not None:
-            return x @ self.dense_t
-        return F.linear(x, self.dense)
+        if self.q is not None and x.shape[0] <= self.int8_max_rows:
+            return self.int8(x)
+        return self.dense_mm(x)
+
+    def int8(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.dense_t if self.dense_t is not None else F.linear(x, self.dense)
+
+
+def _median_seconds(fn, x: torch.Tensor, repeats: int = 5) -> float:
+    fn(x)  # warm-up: first calls pack weights / allocate
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2]  # the median resists a busy neighbour better than the mean
+
+
+@torch.inference_mode()
+def calibrate_int8_max_rows(proj: Projection, dtype: torch.dtype, device) -> int:
+    """The largest row count (of CALIBRATION_ROWS) up to which the int8 kernel is at least as fast
+    as the dense GEMM on this machine; a few ms at load, once per projection shape."""
+    best = 0
+    for rows in CALIBRATION_ROWS:
+        x = torch.randn(rows, proj.q.shape[1], dtype=dtype, device=device)
+        if _median_seconds(proj.int8, x) > _median_seconds(proj.dense_mm, x):
+            break
+        best = rows
+    return best
 
 
 @dataclass
@@ -146,6 +182,19 @@ class LlamaModel:
         self.cos, sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta, self.device)
         half = c.head_dim // 2
         self.signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        if weight_format == "hybrid" and self.device.type == "cpu":
+            self._calibrate_hybrid()
+
+    def _calibrate_hybrid(self) -> None:
+        """Measure where int8 stops paying, once per projection shape (every layer shares them)."""
+        columns = list(zip(*[(lw.qkv, lw.o, lw.gate_up, lw.down) for lw in self.layers], strict=True))
+        for name, column in zip(("qkv", "o", "gate_up", "down"), columns, strict=True):
+            rows = calibrate_int8_max_rows(column[0], self.dtype, self.device)
+            for proj in column:
+                proj.int8_max_rows = rows
+            log.info("hybrid weights: %s uses int8 up to %d rows", name, rows)
+        self.lm_head.int8_max_rows = calibrate_int8_max_rows(self.lm_head, self.dtype, self.device)
+        log.info("hybrid weights: lm_head uses int8 up to %d rows", self.lm_head.int8_max_rows)
 
     @property
     def num_layers(self) -> int:
