@@ -8,6 +8,8 @@ import sys
 
 from specache.errors import SpecacheError
 
+SERVER_PREFIX_CPU_CACHE = "256MiB"
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M)")
@@ -22,6 +24,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--prefix-cache-dir", default=None, help="persist the prefix cache here across restarts")
+    p.add_argument("--prefix-cpu-cache-memory", default=None,
+                   help="host memory for prefix-cache blocks evicted from the KV cache, copied back on a hit "
+                        f"instead of recomputed (0: off; default {SERVER_PREFIX_CPU_CACHE} for serve/chat, 0 else)")
     p.add_argument("--warmup-prompts", default=None, help="file of prompts to prefill at start")
     p.add_argument("--speculative", default=None,
                    help="ngram | draft:PATH | layer-skip:L | quantized | lookahead | auto")
@@ -32,6 +37,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_options(args: argparse.Namespace, prefix_default: bool) -> dict:
     prefix = args.enable_prefix_caching
+    cpu_tier = args.prefix_cpu_cache_memory
+    if cpu_tier is None:  # long-lived processes keep evicted prefixes in host memory by default
+        cpu_tier = SERVER_PREFIX_CPU_CACHE if prefix_default else 0
     return dict(
         dtype=args.dtype, device=args.device, weight_format=args.weight_format,
         kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
@@ -39,6 +47,7 @@ def engine_options(args: argparse.Namespace, prefix_default: bool) -> dict:
         max_model_len=args.max_model_len, enable_prefix_caching=prefix_default if prefix is None else prefix,
         speculative=args.speculative, num_spec_tokens=args.num_spec_tokens, spec_adaptive=args.spec_adaptive,
         prefix_cache_dir=args.prefix_cache_dir, warmup_prompts=args.warmup_prompts,
+        prefix_cpu_cache_memory=cpu_tier,
     )
 
 

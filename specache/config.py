@@ -63,6 +63,8 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     prefix_cache_dir: str | None = None  # save the prefix cache here on shutdown, restore it on start
     warmup_prompts: str | None = None  # file of prompts prefilled at start (one per line or JSON chat)
+    # CPU tier (L2) of the prefix cache: host memory for blocks evicted from the KV pool (0: off).
+    prefix_cpu_cache_memory: str | int = 0
     speculative: str | None = None
     num_spec_tokens: int = 4
     spec_adaptive: bool = True  # False: always draft num_spec_tokens (tests, raw method benchmarks)
@@ -81,6 +83,13 @@ class EngineConfig:
             self.kv_cache_bytes = parse_bytes(self.kv_cache_memory)
         except ValueError as e:
             raise ConfigError(f"kv_cache_memory {self.kv_cache_memory!r} is not a size; use e.g. 512MiB or 2GiB") from e
+        try:
+            self.prefix_cpu_cache_bytes = parse_bytes(self.prefix_cpu_cache_memory)
+        except ValueError as e:
+            raise ConfigError(f"prefix_cpu_cache_memory {self.prefix_cpu_cache_memory!r} is not a size; "
+                              "use e.g. 256MiB, or 0 for no CPU tier") from e
+        if self.prefix_cpu_cache_bytes < 0:
+            raise ConfigError(f"prefix_cpu_cache_memory must be >= 0, got {self.prefix_cpu_cache_memory!r}")
         if not isinstance(self.block_size, int):
             raise ConfigError(f"block_size must be an integer, got {self.block_size!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):

@@ -43,13 +43,19 @@ class Engine:
         self.cache = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
                              config.torch_kv_dtype, self.device)
         self.prefix_cache = None
+        self.host_tier = None  # CPU tier (L2) of the prefix cache, only with the radix tree (L1)
         if config.enable_prefix_caching:
             from specache.prefix.radix import RadixCache
 
-            self.prefix_cache = RadixCache(self.pool, config.block_size)
+            if config.prefix_cpu_cache_bytes:
+                from specache.prefix.host_tier import HostKVTier
+
+                self.host_tier = HostKVTier(self.cache, config.prefix_cpu_cache_bytes)
+            self.prefix_cache = RadixCache(self.pool, config.block_size,
+                                           on_evict=self.host_tier.store if self.host_tier is not None else None)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
-            self.pool, self.prefix_cache)
+            self.pool, self.prefix_cache, self.host_tier)
         self.runner = ModelRunner(self.model, self.cache)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
         self.requests: dict[str, list[Sequence]] = {}
@@ -82,6 +88,24 @@ class Engine:
             from specache.prefix.persist import save_prefix_cache
 
             save_prefix_cache(self, self.config.prefix_cache_dir)
+
+    def prefix_stats(self) -> dict:
+        """Prefix-cache counters by tier: device (radix tree, L1) and host (CPU tier, L2).
+
+        Hit rates are per query token, so device + host = the share of prompt tokens not prefilled."""
+        if self.prefix_cache is None:
+            return {}
+        tree = self.prefix_cache.stats()
+        host = self.host_tier.stats() if self.host_tier is not None else {}
+        q = tree["query_tokens"]
+        host_hits = host.get("hit_tokens", 0)
+        s = {"queries": tree["queries"], "query_tokens": q, "device_hit_tokens": tree["hit_tokens"],
+             "host_hit_tokens": host_hits, "hit_tokens": tree["hit_tokens"] + host_hits,
+             "device_hit_rate": tree["hit_tokens"] / q if q else 0.0, "host_hit_rate": host_hits / q if q else 0.0,
+             "device_cached_blocks": tree["cached_blocks"], "device_evicted_blocks": tree["evictions"]}
+        s["hit_rate"] = s["hit_tokens"] / q if q else 0.0
+        s.update({f"host_{k}": v for k, v in host.items() if k != "hit_tokens"})
+        return s
 
     # ------------------------------------------------------------------ requests
 
@@ -266,7 +290,8 @@ class Engine:
         return {
             "prompt_tokens": s.num_prompt,
             "completion_tokens": sum(len(q.output_ids) for q in seqs),
-            "cached_tokens": s.num_cached_prefix,
+            "cached_tokens": s.num_cached_prefix,  # device (radix tree) + host (CPU tier)
+            "host_cached_tokens": s.num_host_cached,
             "ttft_s": (s.first_token_time - s.arrival) if s.first_token_time else None,
             "latency_s": (s.finish_time - s.arrival) if s.finish_time else None,
             "num_preemptions": sum(q.num_preemptions for q in seqs),

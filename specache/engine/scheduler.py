@@ -45,10 +45,11 @@ def _urgency(seq: Sequence) -> tuple[int, float]:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool, prefix_cache=None) -> None:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, prefix_cache=None, host_tier=None) -> None:
         self.config = config
         self.pool = pool
         self.prefix_cache = prefix_cache
+        self.host_tier = host_tier  # CPU tier of the prefix cache: continues a match past the tree
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -180,8 +181,38 @@ class Scheduler:
             seq.num_computed = match.num_tokens
             seq.prefix_node = match.last_node
             self.prefix_cache.lock(match.last_node)
-        seq.num_cached_prefix = max(seq.num_cached_prefix, match.num_tokens) if seq.num_preemptions else \
-            match.num_tokens
+        restored = self._restore_from_host(seq)
+        cached = match.num_tokens + restored
+        if not seq.num_preemptions or cached >= seq.num_cached_prefix:
+            seq.num_cached_prefix, seq.num_host_cached = cached, restored
+
+    def _restore_from_host(self, seq: Sequence) -> int:
+        """Continue the tree's match block by block from the CPU tier: each hit gets a device block
+        with its K/V copied back, and the run is inserted into the tree so later requests share it.
+        Returns the tokens restored. Stops at the first miss (a block's K/V need all before it)."""
+        tier, bs = self.host_tier, self.pool.block_size
+        if tier is None or not len(tier):
+            return 0
+        first, limit = seq.num_computed // bs, (seq.num_tokens - 1) // bs  # match_prefix's limit
+        if first >= limit:
+            return 0
+        tier.count_lookup()
+        new: list[int] = []
+        for key in tier.block_keys(seq.tokens, seq.cache_salt, limit)[first:]:
+            # Checked before making room: evicting a device block for nothing would be a loss.
+            if key not in tier or not self._make_room(1):
+                break
+            tail = new[-1] if new else (seq.block_table[-1] if seq.block_table else None)
+            block = self.pool.allocate(1, after=tail)[0]  # contiguous with the match where free
+            if not tier.load(key, block):  # the block just evicted to make room pushed it out
+                self.pool.free([block])
+                break
+            new.append(block)
+        if new:
+            seq.block_table.extend(new)
+            seq.num_computed = len(seq.block_table) * bs
+            self.prefix_cache.insert(seq.tokens[: seq.num_computed], seq.block_table, seq.cache_salt)
+        return len(new) * bs
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

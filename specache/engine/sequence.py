@@ -30,6 +30,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_cached_prefix: int = 0  # prompt tokens served by the prefix cache at admission
+    num_host_cached: int = 0  # of which copied back from the prefix cache's CPU tier
     status: Status = Status.WAITING
     finish_reason: str | None = None
     prefix_node: Any = None  # radix node locked while this sequence runs

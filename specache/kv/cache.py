@@ -47,6 +47,21 @@ class KVCache:
         self.k[:, idx] = k.to(self.k.device, self.k.dtype)
         self.v[:, idx] = v.to(self.v.device, self.v.dtype)
 
+    def copy_block_out(self, block_id: int, k_dst: torch.Tensor, v_dst: torch.Tensor) -> None:
+        """All layers of one block into host buffers [L, bs, kvh, hd] (the CPU tier's store).
+
+        Asynchronous into pinned memory on CUDA: later kernels on the same stream that reuse the
+        block are ordered after the copy, and the host side is only ever read by copy_block_in."""
+        non_blocking = k_dst.is_pinned()
+        k_dst.copy_(self.k[:, block_id], non_blocking=non_blocking)
+        v_dst.copy_(self.v[:, block_id], non_blocking=non_blocking)
+
+    def copy_block_in(self, block_id: int, k_src: torch.Tensor, v_src: torch.Tensor) -> None:
+        """Host buffers [L, bs, kvh, hd] back into one block (a CPU-tier hit)."""
+        non_blocking = k_src.is_pinned()
+        self.k[:, block_id].copy_(k_src, non_blocking=non_blocking)
+        self.v[:, block_id].copy_(v_src, non_blocking=non_blocking)
+
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

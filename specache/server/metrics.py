@@ -37,6 +37,15 @@ def engine_snapshot(engine: Any) -> dict[str, float]:
         snap["prefix_cache_hit_rate"] = float(pstats.get("hit_rate", 0.0))
         snap["prefix_cache_hit_tokens"] = float(pstats.get("hit_tokens", 0))
         snap["prefix_cache_query_tokens"] = float(pstats.get("query_tokens", 0))
+        snap["prefix_cache_evicted_blocks"] = float(pstats.get("evictions", 0))
+    host = getattr(engine, "host_tier", None)
+    if prefix is not None and host is not None:
+        # The radix tree's numbers above are the device tier (L1); these are the CPU tier (L2).
+        hstats, queried = host.stats(), pstats.get("query_tokens", 0)
+        snap["prefix_cache_host_hit_tokens"] = float(hstats["hit_tokens"])
+        snap["prefix_cache_host_hit_rate"] = hstats["hit_tokens"] / queried if queried else 0.0
+        for key in ("blocks", "bytes", "capacity_bytes", "stores", "evictions"):
+            snap[f"prefix_cache_host_{key}"] = float(hstats[key])
     return snap
 
 
