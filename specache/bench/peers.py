@@ -34,10 +34,20 @@ def _copy_heavy(tok) -> list[list[int]]:
             for d in docs]
 
 
+def _fast_specache(**options) -> SpecacheEngine:
+    """Our fastest CPU set-up: hybrid int8 weights, activations in the dtype this CPU computes fastest
+    (bf16 with AVX512-BF16/AMX, else fp32); named after what it resolved to."""
+    engine = SpecacheEngine(dtype="auto", weight_format="hybrid", **options)
+    dtype = str(engine.llm.engine.model.dtype).removeprefix("torch.").replace("bfloat16", "bf16")
+    dtype = dtype.replace("float32", "fp32")
+    engine.name = f"specache int8+{dtype}" + (" ngram" if options.get("speculative") else "")
+    return engine
+
+
 def _engines() -> list:
     from specache.models.loader import default_gguf_path
 
-    ours = SpecacheEngine(dtype="bfloat16", weight_format="hybrid", name="specache bf16+int8")
+    ours = _fast_specache()
     engines = [ours, SpecacheEngine(dtype="float32", name="specache fp32"),
                TransformersEngine(ours.llm.loaded.path, torch.bfloat16, name="transformers bf16"),
                TransformersEngine(ours.llm.loaded.path, torch.float32, name="transformers fp32")]
@@ -49,8 +59,7 @@ def _engines() -> list:
 def _lookup_engines(ours_path) -> list:
     from specache.models.loader import default_gguf_path
 
-    engines = [SpecacheEngine(dtype="bfloat16", weight_format="hybrid", speculative="ngram",
-                              name="specache bf16+int8 ngram"),
+    engines = [_fast_specache(speculative="ngram"),
                TransformersEngine(ours_path, torch.bfloat16, name="transformers bf16 prompt_lookup",
                                   prompt_lookup_num_tokens=4)]
     if llama_cpp_available():
@@ -140,4 +149,7 @@ def _write_docs(docs: Path, table: str, out: Path) -> None:
             "`make bench-peers` (installs llama-cpp-python from source, then runs `specache bench peers`).\n\n"
             f"{table}\n\n![throughput vs concurrency](peers-throughput.png)\n\n"
             f"Raw JSON: `{out}/peers.json`.\n")
+    if (docs / "spec-speedup.png").exists():  # written by `specache bench spec`
+        text += ("\n## Speculative decoding per method and task\n\n`specache bench spec`; table in the README.\n\n"
+                 "![speedup per method and task](spec-speedup.png)\n")
     (docs / "benchmarks.md").write_text(text)

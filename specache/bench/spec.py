@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-spec-tokens", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--docs", default="docs", help="where the speedup plot goes")
 
 
 def _chat(tok, task: str, prompt: str) -> list[int]:
@@ -100,6 +101,9 @@ def _ours(model, dtype, method, k):
 
 
 def _time_ours(llm, prompts, params, repeats):
+    from specache import SamplingParams
+
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up: first-call costs
     times, outs = [], None
     for _ in range(repeats):
         with Timer() as t:
@@ -158,7 +162,36 @@ def run(args: argparse.Namespace) -> dict:
     result = {"rows": rows, "batch": batch_rows, "env": environment(), "args": {k: v for k, v in vars(args).items()
                                                                                 if k != "func"}}
     write_report(args.out, "spec", result, table)
+    plot_speedups(rows, Path(args.docs))
     return result
+
+
+def plot_speedups(rows: list[dict], docs: Path) -> Path:
+    """docs/spec-speedup.png: speedup over our plain decode per method and task (temperature 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    greedy = [r for r in rows if r["temperature"] == 0 and r["method"] != "plain" and r.get("speedup")]
+    methods = list(dict.fromkeys(r["method"] for r in greedy))
+    tasks = list(TASKS)
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, m in enumerate(methods):
+        by_task = {r["task"]: r["speedup"] for r in greedy if r["method"] == m}
+        ax.bar([t + i * width for t in range(len(tasks))], [by_task.get(t, 0) for t in tasks], width, label=m)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([t + width * (len(methods) - 1) / 2 for t in range(len(tasks))], tasks, fontsize=8)
+    ax.set_ylabel("speedup over plain decode")
+    ax.set_title("Speculative decoding, temperature 0 (SmolLM2-135M, 2 CPU cores)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    docs.mkdir(parents=True, exist_ok=True)
+    out = docs / "spec-speedup.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def _batch_study(llm, method, args) -> list[dict]:

@@ -48,6 +48,7 @@ def _model_proposer(engine, method: str) -> Proposer:
     if method == "quantized":
         model = LlamaModel(engine.model_config, engine.loaded.weights, engine.model.dtype, engine.device,
                            weight_format="int8")
+        model.share_dense_weights(engine.model)
         name = "quantized"
     else:
         draft = load_model(method.split(":", 1)[1])
