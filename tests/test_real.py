@@ -56,3 +56,52 @@ def test_chat_answers_sensibly(real_llm):
                         SamplingParams(max_tokens=16, temperature=0))[0]
     assert "Paris" in out.text
     assert out.finish_reason in ("stop", "length")
+
+
+def _system_prompt(llm, tokens: int) -> str:
+    """A long shared system prompt of about `tokens` tokens, from offline text."""
+    from pydoc_data.topics import topics
+
+    ids = llm.tokenizer.encode(topics["assert"] + topics["pass"] + topics["import"])[:tokens]
+    return llm.tokenizer.decode(ids)
+
+
+def test_prefix_cache_on_equals_off_for_20_prompts_sharing_a_500_token_system_prompt(real_model_dir, real_llm):
+    from specache import LLM
+
+    system = _system_prompt(real_llm, 500)
+    tok = real_llm.tokenizer
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "system", "content": system},
+                                                   {"role": "user", "content": f"Question {i}: what is {i} + {i}?"}]))
+               for i in range(20)]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    cold = [o.token_ids for o in real_llm.generate(prompts, params)]  # real_llm: prefix caching off
+    with LLM(model=str(real_model_dir), dtype="float32", kv_cache_memory="512MiB", enable_prefix_caching=True) as warm:
+        first = warm.generate(prompts[:1], params)[0]
+        rest = warm.generate(prompts[1:], params)
+        assert [first.token_ids] + [o.token_ids for o in rest] == cold
+        assert first.metrics["cached_tokens"] == 0
+        assert all(o.metrics["cached_tokens"] >= 480 for o in rest)  # the system prompt, block-aligned
+        # the same prompt under another tenant reuses nothing
+        other = warm.generate(prompts[:1], params, cache_salt="tenant-b")[0]
+        assert other.metrics["cached_tokens"] == 0 and other.token_ids == cold[0]
+        assert warm.engine.pool.num_free + warm.engine.prefix_cache.cached_blocks() == warm.engine.pool.num_blocks
+
+
+@pytest.mark.parametrize("method", ["ngram", "lookahead", "layer-skip:8", "quantized"])
+def test_greedy_speculative_output_equals_plain_on_the_real_model(real_model_dir, real_llm, method):
+    from specache import LLM
+
+    record = ("Invoice 4471 was issued on 12 March 2024 by Northwind Traders to Contoso Ltd for 37 units of "
+              "part AX-200 at 14.50 EUR each.")
+    prompts = [_chat_ids(real_llm, f"Copy this record exactly, then list its fields:\n\n{record}"),
+               _chat_ids(real_llm, "Write a short poem about autumn.")]
+    params = SamplingParams(max_tokens=40, temperature=0)
+    plain = [o.token_ids for o in real_llm.generate(prompts, params)]
+    with LLM(model=str(real_model_dir), dtype="float32", kv_cache_memory="256MiB", speculative=method,
+             num_spec_tokens=4, spec_adaptive=False) as spec:
+        outs = spec.generate(prompts, params)
+        assert [o.token_ids for o in outs] == plain
+        assert spec.engine.pool.all_free()
+    if method == "ngram":  # the copy prompt must actually exercise multi-token acceptance
+        assert outs[0].metrics["spec_accepted_tokens"] > 0
