@@ -237,6 +237,8 @@ def test_extensions_are_accepted(server):
         ({"model": "gpt-99"}, 404, "model", "does not exist"),
         ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, None, "max_model_len"),
         ({"max_tokens": 10**10}, 400, "max_tokens", "less than or equal"),
+        ({"logprobs": True}, 400, "logprobs", "not supported"),
+        ({"top_logprobs": 3}, 400, "logprobs", "not supported"),
     ],
 )
 def test_bad_chat_requests_get_openai_errors(server, body, status, param, word):

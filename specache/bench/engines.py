@@ -52,6 +52,9 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], new_tokens: int) -> int:
+        if len(prompts) > 1 and ("prompt_lookup_num_tokens" in self.kwargs or "assistant_model" in self.kwargs):
+            # transformers' assisted generation (prompt lookup included) takes batch size 1 only
+            return sum(self.generate([p], new_tokens) for p in prompts)
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])

@@ -45,23 +45,26 @@ def _fast_specache(**options) -> SpecacheEngine:
 
 
 def _engines() -> list:
+    from specache.config import cpu_has_bf16
     from specache.models.loader import default_gguf_path
 
     ours = _fast_specache()
     engines = [ours, SpecacheEngine(dtype="float32", name="specache fp32"),
-               TransformersEngine(ours.llm.loaded.path, torch.bfloat16, name="transformers bf16"),
                TransformersEngine(ours.llm.loaded.path, torch.float32, name="transformers fp32")]
+    if cpu_has_bf16():  # without native bf16 (AVX2) transformers bf16 is only slower than its fp32
+        engines.append(TransformersEngine(ours.llm.loaded.path, torch.bfloat16, name="transformers bf16"))
     if llama_cpp_available():
         engines.append(LlamaCppEngine(default_gguf_path(), name="llama.cpp Q4_1"))
     return engines
 
 
 def _lookup_engines(ours_path) -> list:
+    from specache.config import cpu_has_bf16
     from specache.models.loader import default_gguf_path
 
     engines = [_fast_specache(speculative="ngram"),
-               TransformersEngine(ours_path, torch.bfloat16, name="transformers bf16 prompt_lookup",
-                                  prompt_lookup_num_tokens=4)]
+               TransformersEngine(ours_path, torch.bfloat16 if cpu_has_bf16() else torch.float32,
+                                  name="transformers prompt_lookup", prompt_lookup_num_tokens=4)]
     if llama_cpp_available():
         engines.append(LlamaCppEngine(default_gguf_path(), prompt_lookup=4, name="llama.cpp Q4_1 prompt lookup"))
     return engines

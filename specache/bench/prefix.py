@@ -15,7 +15,7 @@ from specache.bench.report import Timer, environment, markdown_table, median, wr
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (the fastest on this CPU)")
     p.add_argument("--system-tokens", type=int, default=2000)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)

@@ -30,8 +30,21 @@ class Timer:
 
 
 def environment() -> dict:
+    """What the numbers depend on: the CPU's SIMD level decides which kernels win (AVX2 vs AVX512-BF16)."""
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "processor": platform.processor()}
+            "machine": platform.machine(), "cpu": _cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

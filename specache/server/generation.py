@@ -17,7 +17,7 @@ from typing import Any, Literal
 import jinja2
 
 from specache.errors import InvalidPromptError, SpecacheError
-from specache.sampling import SamplingParams
+from specache.sampling import MIN_TEMPERATURE, SamplingParams
 from specache.server.engine_loop import EngineLoop, RequestStream
 from specache.server.errors import APIError, error_body
 from specache.server.metrics import ServerMetrics
@@ -46,12 +46,14 @@ class Job:
         return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.request_id
 
 
-GREEDY_BELOW = 1e-5  # logits / 1e-300 overflow to inf (NaN probabilities); such temperatures mean greedy
-
-
 def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
+    if getattr(body, "logprobs", None) or getattr(body, "top_logprobs", None):
+        # Refused rather than answered with "logprobs": null, which a client would read as data.
+        raise APIError("logprobs are not supported by this server yet; omit logprobs / top_logprobs",
+                       param="logprobs")
     seed = None if body.seed is None else body.seed % (1 << 62)  # seed + i stays a valid torch seed
-    temperature = 0.0 if body.temperature < GREEDY_BELOW else body.temperature
+    # Below MIN_TEMPERATURE the engine decodes greedily; say so to the cache key as well.
+    temperature = 0.0 if body.temperature < MIN_TEMPERATURE else body.temperature
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
