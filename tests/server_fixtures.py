@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from specache.bench.serve import specache_serve_command
 from specache.response_cache.stores.local_redis import LocalRedis, free_port, redis_binaries  # noqa: F401
 
 MODEL = "tiny"
@@ -58,25 +58,7 @@ def running_server(
     model_dir: Path, workdir: Path, *args: str, env: dict | None = None, startup_s: float = 180
 ) -> Iterator[Server]:
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "specache.cli",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--port",
-        str(port),
-        "--served-model-name",
-        MODEL,
-        "--dtype",
-        "float32",
-        "--kv-cache-memory",
-        "64MiB",
-        "--log-level",
-        "warning",
-        *args,
-    ]
+    cmd = specache_serve_command(model_dir, port, MODEL, "float32", "--kv-cache-memory", "64MiB", *args)
     log = workdir / f"server-{port}.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(

@@ -156,25 +156,15 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def specache_serve_command(model_dir: Path, port: int, served_name: str, dtype: str, *extra: str) -> list[str]:
+    """`specache serve` on loopback as a child process (also used by the server tests)."""
+    return [sys.executable, "-m", "specache.cli", "serve", "--model", str(model_dir), "--port", str(port),
+            "--served-model-name", served_name, "--dtype", dtype, "--log-level", "warning", *extra]
+
+
 def _server_cmd(backend: str, model_dir: Path, dtype: str, port: int) -> list[str]:
     if backend == "specache":
-        return [
-            sys.executable,
-            "-m",
-            "specache.cli",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--served-model-name",
-            "bench",
-            "--dtype",
-            dtype,
-            "--no-response-cache",
-            "--log-level",
-            "warning",
-        ]
+        return specache_serve_command(model_dir, port, "bench", dtype, "--no-response-cache")
     return [sys.executable, "-m", "specache.bench.serve", "--hf-server", str(model_dir), str(port), dtype]
 
 

@@ -117,7 +117,8 @@ class Scheduler:
             return True
         if not self._make_room(need):
             return False
-        seq.block_table.extend(self.pool.allocate(need, after=seq.block_table[-1] if seq.block_table else None))
+        tail = seq.block_table[-1] if seq.block_table else None
+        seq.block_table.extend(self.pool.allocate(need, after=tail, spread=tail is None))
         return True
 
     # -------------------------------------------------------------- the step

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import heapq
 
+import numpy as np
+
 
 class OutOfBlocksError(RuntimeError):
     """Internal: the pool cannot satisfy an allocation (the scheduler preempts or waits)."""
@@ -25,6 +27,7 @@ class BlockPool:
         # so most block tables are contiguous runs that attention can read without a gather.
         self._heap: list[int] = list(range(num_blocks))
         self._free: set[int] = set(self._heap)
+        self._free_mask = np.ones(num_blocks, dtype=bool)  # the same set as an array, to find free runs fast
         self._ref = [0] * num_blocks
 
     @property
@@ -44,15 +47,19 @@ class BlockPool:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate(self, n: int, after: int | None = None) -> list[int]:
+    def allocate(self, n: int, after: int | None = None, spread: bool = False) -> list[int]:
         """Take ``n`` free blocks with reference count 1, or raise without taking any.
 
-        With ``after``, blocks after+1, after+2, ... are preferred while they are free.
+        With ``after``, blocks after+1, after+2, ... are preferred while they are free. With
+        ``spread`` (a new sequence), the blocks are placed where the sequence has the most room to
+        grow contiguously (see _roomiest_start); otherwise the lowest free ids come first.
         """
         if n > len(self._free):
             raise OutOfBlocksError(f"need {n} blocks, {len(self._free)} free")
         ids: list[int] = []
         nxt = after + 1 if after is not None else None
+        if nxt is None and spread:
+            nxt = self._roomiest_start(n)
         while nxt is not None and len(ids) < n and nxt in self._free:
             ids.append(nxt)
             self._free.discard(nxt)
@@ -64,7 +71,24 @@ class BlockPool:
                 ids.append(b)
         for b in ids:
             self._ref[b] = 1
+        self._free_mask[ids] = False
         return ids
+
+    def _roomiest_start(self, n: int) -> int | None:
+        """Where a new sequence of ``n`` blocks has the most free blocks after it to grow into.
+
+        Sequences grow one block at a time, interleaved; packing new ones back to back would make
+        every block table fragmented after its first decode block, and attention would have to
+        gather. A free run at the start of the pool is used from its beginning; a run that follows
+        a used block is split in the middle, so the sequence before it keeps half to grow into."""
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], self._free_mask, [False])).astype(np.int8)))
+        starts, ends = edges[0::2], edges[1::2]
+        if starts.size == 0:
+            return None
+        place = np.where(starts == 0, starts, starts + (ends - starts) // 2)
+        room = ends - place
+        best = int(np.argmax(room))
+        return int(place[best]) if room[best] >= n else None
 
     def incref(self, block_ids: list[int]) -> None:
         for b in block_ids:
@@ -80,4 +104,5 @@ class BlockPool:
             self._ref[b] -= 1
             if self._ref[b] == 0:
                 self._free.add(b)
+                self._free_mask[b] = True
                 heapq.heappush(self._heap, b)
