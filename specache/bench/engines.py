@@ -7,6 +7,8 @@ len(prompts) * new_tokens tokens and the timings compare like with like.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -78,8 +80,9 @@ class LlamaCppEngine:
 
             draft = LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup)
         self.name = name
-        self.llm = Llama(model_path=str(gguf_path), n_ctx=4096, n_batch=512, n_threads=threads or os.cpu_count(),
-                         verbose=False, draft_model=draft, logits_all=False)
+        with _without_amx_buffers():
+            self.llm = Llama(model_path=str(gguf_path), n_ctx=4096, n_batch=512,
+                             n_threads=threads or os.cpu_count(), verbose=False, draft_model=draft, logits_all=False)
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> int:
         total = 0
@@ -92,6 +95,32 @@ class LlamaCppEngine:
                     break
             total += n
         return total
+
+
+@contextmanager
+def _without_amx_buffers() -> Iterator[None]:
+    """On CPUs with AMX, load the model without ggml's extra buffer types: its AMX kernels die with
+    SIGILL on the first multi-token batch on this project's VMs (one-token decode works). For the
+    Q4_1 GGUF that buffer type is the only one affected (ggml has no other CPU repack for Q4_1)."""
+    import llama_cpp.llama_cpp as lib
+
+    from specache.config import cpu_flags
+
+    if "amx_int8" not in cpu_flags():
+        yield
+        return
+    default = lib.llama_model_default_params
+
+    def no_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = no_extra_buffers
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
 
 
 def llama_cpp_available() -> bool:

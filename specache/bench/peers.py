@@ -148,9 +148,18 @@ def _plot(rows, names, docs: Path) -> None:
 
 
 def _write_docs(docs: Path, table: str, out: Path) -> None:
+    env = environment()
     text = ("# Benchmarks against peers\n\n"
-            "`make bench-peers` (installs llama-cpp-python from source, then runs `specache bench peers`).\n\n"
+            "`make bench-peers` (installs llama-cpp-python from source, then runs `specache bench peers`).\n"
+            f"Machine: {env['cpu']} ({env['cpu_capability']}), {env['threads']} threads, torch {env['torch']}.\n\n"
             f"{table}\n\n![throughput vs concurrency](peers-throughput.png)\n\n"
+            "Notes: all engines decode greedily and never stop early, 128 new tokens per request. "
+            "llama.cpp runs through llama-cpp-python's high-level API, which serves one sequence at a "
+            "time, so its concurrent rows are sequential (the llama.cpp server with parallel slots would "
+            "batch). On CPUs with AMX it is loaded without ggml's extra buffer types: their AMX kernels "
+            "die with SIGILL on this project's VMs. `specache int8+bf16` is `weight_format=\"hybrid\"`: "
+            "int8 weight-only matmuls for the few rows of a decode step, the dense bf16 weights for "
+            "prefill and big batches.\n\n"
             f"Raw JSON: `{out}/peers.json`.\n")
     if (docs / "spec-speedup.png").exists():  # written by `specache bench spec`
         text += ("\n## Speculative decoding per method and task\n\n`specache bench spec`; table in the README.\n\n"

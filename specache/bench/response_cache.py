@@ -126,6 +126,11 @@ def _bench_store(url: str | None, size: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def _cli(args: argparse.Namespace) -> int:
+    run(args)
+    return 0  # the CLI's exit status (returning the result dict made the command exit 1)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(s) for s in str(args.sizes).split(",")]
     out_dir = Path(args.out)
@@ -221,7 +226,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--eval-file", default=str(DEFAULT_EVAL))
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--out", default="bench_results")
-    p.set_defaults(func=run)
+    p.set_defaults(func=_cli)
     return p
 
 
