@@ -169,8 +169,11 @@ class RedisStore(Store):
     ) -> list[Candidate]:
         query = (
             f"(@tenant:{{{tag_hash(tenant)}}} @model:{{{tag_hash(model)}}} @partition:{{{partition}}})"
-            f"=>[KNN {int(k)} @prompt_vector $vec AS dist]"
+            f"=>[KNN {int(k)} @prompt_vector $vec HYBRID_POLICY BATCHES AS dist]"
         )
+        # BATCHES walks the HNSW graph and filters as it goes. Left to itself RediSearch picked
+        # ad-hoc brute force over every entry the filter admits: 1.9 ms at 10k entries of one
+        # partition and 6.5 ms at 20k, against 0.22 ms and 0.24 ms in batches (measured here).
         blob = np.asarray(vector, dtype=np.float32).tobytes()
 
         def op() -> list[Candidate]:
@@ -207,8 +210,11 @@ class RedisStore(Store):
             if entry.tenant != tenant or entry.model != model or entry.expires_at <= now:
                 continue
             out.append(Candidate(entry, 1.0 - float(fields["dist"])))
-        for c in out:
-            self._touch(c.entry.key, now)
+        if out:  # one round trip for all the LRU touches
+            pipe = self._r.pipeline(transaction=False)
+            for c in out:
+                pipe.zadd(f"{self.ns}:lru", {c.entry.key: now}, xx=True)
+            pipe.execute()
         return out
 
     def delete(self, key: str) -> None:
