@@ -36,3 +36,10 @@ def test_spread_falls_back_to_any_free_blocks_when_no_run_is_long_enough():
     with pytest.raises(OutOfBlocksError):
         pool.allocate(3, spread=True)
     assert pool.num_free == 2  # a failed allocation takes nothing
+
+
+def test_a_run_too_short_to_split_is_used_whole():
+    pool = BlockPool(num_blocks=10, block_size=4)
+    pool.allocate(10)
+    pool.free([1, 5, 6, 7])  # runs 1..1 and 5..7, each after a used block
+    assert pool.allocate(3, spread=True) == [5, 6, 7]  # not the lowest ids 1, 5, 6

@@ -88,7 +88,10 @@ class BlockPool:
         place = np.where(starts == 0, starts, starts + (ends - starts) // 2)
         room = ends - place
         best = int(np.argmax(room))
-        return int(place[best]) if room[best] >= n else None
+        if room[best] >= n:
+            return int(place[best])
+        longest = int(np.argmax(ends - starts))  # no half-run fits: a whole run still keeps it contiguous
+        return int(starts[longest]) if ends[longest] - starts[longest] >= n else None
 
     def incref(self, block_ids: list[int]) -> None:
         for b in block_ids:
