@@ -22,24 +22,25 @@ class BlockPool:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # Free ids in a min-heap (lazy deletion) plus a set: fresh allocations come out in
-        # ascending order and a growing sequence can ask for the block right after its last one,
-        # so most block tables are contiguous runs that attention can read without a gather.
+        # Free ids in a min-heap (lazy deletion) plus a mask: fresh allocations come out in
+        # ascending order, a growing sequence can ask for the block right after its last one, and
+        # a new sequence is placed by scanning the mask for free runs, so most block tables are
+        # contiguous runs that attention can read without a gather.
         self._heap: list[int] = list(range(num_blocks))
-        self._free: set[int] = set(self._heap)
-        self._free_mask = np.ones(num_blocks, dtype=bool)  # the same set as an array, to find free runs fast
+        self._free_mask = np.ones(num_blocks, dtype=bool)
+        self._num_free = num_blocks
         self._ref = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self._num_free
 
     def all_free(self) -> bool:
-        return len(self._free) == self.num_blocks and not any(self._ref)
+        return self._num_free == self.num_blocks and not any(self._ref)
 
     def ref_count(self, block_id: int) -> int:
         return self._ref[block_id]
@@ -54,24 +55,24 @@ class BlockPool:
         ``spread`` (a new sequence), the blocks are placed where the sequence has the most room to
         grow contiguously (see _roomiest_start); otherwise the lowest free ids come first.
         """
-        if n > len(self._free):
-            raise OutOfBlocksError(f"need {n} blocks, {len(self._free)} free")
+        if n > self._num_free:
+            raise OutOfBlocksError(f"need {n} blocks, {self._num_free} free")
         ids: list[int] = []
         nxt = after + 1 if after is not None else None
         if nxt is None and spread:
             nxt = self._roomiest_start(n)
-        while nxt is not None and len(ids) < n and nxt in self._free:
+        while nxt is not None and len(ids) < n and nxt < self.num_blocks and self._free_mask[nxt]:
+            self._free_mask[nxt] = False
             ids.append(nxt)
-            self._free.discard(nxt)
             nxt += 1
         while len(ids) < n:
             b = heapq.heappop(self._heap)
-            if b in self._free:  # skip ids taken through `after` (lazy deletion)
-                self._free.discard(b)
+            if self._free_mask[b]:  # skip ids taken through `after` (lazy deletion)
+                self._free_mask[b] = False
                 ids.append(b)
         for b in ids:
             self._ref[b] = 1
-        self._free_mask[ids] = False
+        self._num_free -= n
         return ids
 
     def _roomiest_start(self, n: int) -> int | None:
@@ -106,6 +107,6 @@ class BlockPool:
                 raise AssertionError(f"double free of block {b}")
             self._ref[b] -= 1
             if self._ref[b] == 0:
-                self._free.add(b)
                 self._free_mask[b] = True
+                self._num_free += 1
                 heapq.heappush(self._heap, b)
