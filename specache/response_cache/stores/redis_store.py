@@ -119,7 +119,7 @@ class RedisStore(Store):
             entry = self._entry({k.decode(): v for k, v in fields.items()}, with_vector=True)
             if entry.expires_at <= now:
                 return None
-            self._touch(key, now)
+            self._touch([key], now)
             return entry
 
         return self._call(op)
@@ -210,11 +210,7 @@ class RedisStore(Store):
             if entry.tenant != tenant or entry.model != model or entry.expires_at <= now:
                 continue
             out.append(Candidate(entry, 1.0 - float(fields["dist"])))
-        if out:  # one round trip for all the LRU touches
-            pipe = self._r.pipeline(transaction=False)
-            for c in out:
-                pipe.zadd(f"{self.ns}:lru", {c.entry.key: now}, xx=True)
-            pipe.execute()
+        self._touch([c.entry.key for c in out], now)  # one ZADD for all candidates
         return out
 
     def delete(self, key: str) -> None:
@@ -260,8 +256,9 @@ class RedisStore(Store):
             pass
 
     # ---------- helpers ----------
-    def _touch(self, key: str, now: float) -> None:
-        self._r.zadd(f"{self.ns}:lru", {key: now}, xx=True)
+    def _touch(self, keys: list[str], now: float) -> None:
+        if keys:  # ZADD needs at least one member
+            self._r.zadd(f"{self.ns}:lru", dict.fromkeys(keys, now), xx=True)
 
     def _delete_keys(self, keys: list[str]) -> None:
         if not keys:
