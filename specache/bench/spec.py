@@ -31,8 +31,11 @@ RECORD = ("Invoice 4471 was issued on 12 March 2024 by Northwind Traders to Cont
           "part AX-200 at 14.50 EUR each, payable within 30 days to IBAN-free account 55-1029.")
 
 TASKS = {
-    "code edit": [f"Rename the variable `subtotal` to `net` in this code and return the whole code:\n\n{CODE}",
-                  f"Add type hints to every function in this code and return the whole code:\n\n{CODE}"],
+    # Code first, instruction after: asked the other way round, SmolLM2-135M answered in ~20 tokens
+    # without writing the code, and the cell measured prefill instead of editing.
+    "code edit": [f"```python\n{CODE}```\n\nRewrite the code above with the variable `subtotal` renamed to `net`. "
+                  "Reply with the full code only.",
+                  f"Fix the indentation of this code and return it:\n\n```python\n{CODE}```"],
     "summarise with quotes": ["Summarise the following text, quoting its key sentences verbatim:\n\n{doc}"],
     "extract fields": [f"Copy this record, then list its invoice number, date, seller, buyer, quantity and unit "
                        f"price, one per line:\n\n{RECORD}"],

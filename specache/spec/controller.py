@@ -14,13 +14,18 @@ from `record_draft_time` measurements. K is the value that maximises tokens per 
 no K beats plain decoding by `margin`, or when alpha fell below `min_alpha` after warm-up.
 
 Recovery. A sequence switched off because of its acceptance (not because of cost) is probed
-with a short draft every `probe_every` steps, so it comes back when the text becomes predictable;
-a new sequence that starts off because of the global prior is probed on its first step.
+with a short draft now and then, so it comes back when the text becomes predictable. A failed
+probe costs what its draft and wider verification cost (measured: 0.2 of a step with prompt lookup,
+1.2 steps with an 8-layer self-draft), so the interval is at least `probe_every` steps and long
+enough that failed probes spend at most `max_probe_overhead` of decode time, and it doubles after
+each failed probe (up to `max_probe_backoff` times). A new sequence that starts off because of the
+global prior is probed on its first step when probing is cheap.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -49,13 +54,16 @@ class _SeqState:
     successes: float = 0.0  # decayed count of accepted draft tokens
     trials: float = 0.0  # decayed count of tested draft tokens
     raw_trials: int = 0  # undecayed, for the warm-up rule
-    off_steps: int = 0  # consecutive steps switched off for low acceptance
+    off_steps: int = 0  # steps switched off for low acceptance since the last probe
+    failed_probes: int = 0  # consecutive probes that accepted nothing
+    probing: bool = False  # the last K handed out was a probe
 
 
 class SpecController:
     def __init__(self, max_k: int = 4, min_alpha: float = 0.4, decay: float = 0.8, prior_alpha: float = 0.6,
                  prior_trials: float = 2.0, warmup_trials: int = 4, probe_every: int = 16, probe_k: int = 2,
-                 margin: float = 1.05, global_decay: float = 0.95) -> None:
+                 margin: float = 1.05, global_decay: float = 0.95, max_probe_overhead: float = 0.02,
+                 max_probe_backoff: int = 2) -> None:
         self.max_k = max_k
         self.min_alpha = min_alpha  # below this (after warm-up) a sequence stops drafting
         self.decay = decay  # weight of the past per record: ~1 / (1 - decay) drafts of memory
@@ -66,6 +74,8 @@ class SpecController:
         self.probe_every = probe_every
         self.probe_k = probe_k
         self.margin = margin  # a K must beat plain decoding by this factor to be chosen
+        self.max_probe_overhead = max_probe_overhead
+        self.max_probe_backoff = max_probe_backoff
         self._step_ms: dict[int, float] = {}  # tokens in one target pass -> ms
         self._verify_ms: Callable[[int, int], float] | None = None  # (K, batch) -> ms
         self._plain_ms: Callable[[int], float] | None = None  # batch -> ms
@@ -166,21 +176,37 @@ class SpecController:
         return k
 
     def _choose(self, st: _SeqState, alpha: float, batch_size: int) -> int:
+        st.probing = False
         if self.max_k <= 0:
             return 0
         low = st.raw_trials >= self.warmup_trials and alpha < self.min_alpha
         k = 0 if low else self.best_k(alpha, batch_size)
         # Off because drafts are bad, while good drafts would pay: probe now and then, and at once
-        # for a sequence with no record of its own (the global prior came from other requests:
-        # one copy-heavy request after many open-ended ones must not wait probe_every steps).
+        # for a sequence with no record of its own when a probe is cheap (the global prior came
+        # from other requests: one copy-heavy request after many open-ended ones must not wait).
         if k == 0 and (low or self.best_k(_HIGH_ALPHA, batch_size) > 0):
             st.off_steps += 1
-            if st.off_steps % self.probe_every == 0 or (st.raw_trials == 0 and st.off_steps == 1):
+            extra = self.probe_cost(batch_size)
+            interval = self.probe_interval(batch_size, extra) * 2 ** min(st.failed_probes, self.max_probe_backoff)
+            first = st.raw_trials == 0 and st.off_steps == 1 and extra <= 0.5
+            if st.off_steps >= interval or first:
+                st.off_steps = 0
+                st.probing = True
                 self.probes += 1
                 return min(self.probe_k, self.max_k)
             return 0
         st.off_steps = 0
         return k
+
+    def probe_cost(self, batch_size: int) -> float:
+        """Extra time of a probe step over a plain step, in plain steps (what a failed probe wastes)."""
+        batch = max(batch_size, 1)
+        return self.step_ms(min(self.probe_k, self.max_k), batch) / self.step_ms(0, batch) - 1.0
+
+    def probe_interval(self, batch_size: int, extra: float | None = None) -> int:
+        """Steps between probes of a switched-off sequence before any back-off."""
+        extra = self.probe_cost(batch_size) if extra is None else extra
+        return max(self.probe_every, math.ceil(extra / self.max_probe_overhead))
 
     def record(self, seq_id: int, num_drafted: int, num_accepted: int) -> None:
         """One verification result: num_accepted of num_drafted drafts survived."""
@@ -189,6 +215,9 @@ class SpecController:
         num_accepted = max(0, min(num_accepted, num_drafted))
         trials = num_accepted + (1 if num_accepted < num_drafted else 0)
         seq = self.seqs.setdefault(seq_id, _SeqState())
+        if seq.probing:
+            seq.failed_probes = 0 if num_accepted else seq.failed_probes + 1
+            seq.probing = False
         for st, decay in ((seq, self.decay), (self._global, self.global_decay)):
             st.successes = decay * st.successes + num_accepted
             st.trials = decay * st.trials + trials
