@@ -125,9 +125,25 @@ def test_measured_draft_time_is_used_without_draft_ms():
     c.calibrate(MEMORY_BOUND)
     free = c.best_k(0.7, 1)
     for _ in range(20):
-        c.record_draft_time(seconds=0.010, num_tokens=1)  # half a target step per drafted token
-    assert c.draft_ms_per_token == pytest.approx(10.0)
+        c.record_draft_time(seconds=0.010, num_passes=1, batch_size=1)  # half a target step per token
+    assert c.draft_pass_ms(1) == pytest.approx(10.0)
     assert c.best_k(0.7, 1) < free
+
+
+def test_draft_cost_is_per_pass_and_per_batch_size():
+    """A model drafter's pass over 2 sequences costs about what a pass over 1 costs: the cost of
+    a K-token draft is K passes at that batch size, not K * batch * (ms per drafted token)."""
+    c = SpecController(max_k=4)
+    c.calibrate(MEMORY_BOUND)
+    c.record_draft_time(seconds=0.040, num_passes=4, batch_size=2)  # 10 ms per pass over 2 sequences
+    assert c.draft_pass_ms(2) == pytest.approx(10.0)
+    # unmeasured sizes follow the target's cost curve from the nearest measured size
+    assert c.draft_pass_ms(1) == pytest.approx(10.0 * c._pass_ms(1) / c._pass_ms(2))
+    assert c.draft_pass_ms(64) == pytest.approx(10.0 * 30 / c._pass_ms(2))
+    assert c.step_ms(4, 2) == pytest.approx(c.step_ms(0, 2 * 5) + 40.0, rel=0.05)
+    c.record_draft_time(seconds=0.009, num_passes=1, batch_size=1)
+    assert c.draft_pass_ms(1) == pytest.approx(9.0)
+    assert c.draft_pass_ms(2) == pytest.approx(10.0)
 
 
 def test_alpha_estimate_is_per_token_acceptance_not_accepted_over_drafted():

@@ -36,8 +36,7 @@ def test_greedy_speculative_equals_plain_greedy(tiny_model_dir, draft_dir, plain
     llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative=spec, num_spec_tokens=5, block_size=4,
               spec_adaptive=method == "auto")
     outs = llm.generate(_prompts(), GREEDY)
-    if method != "quantized":  # int8 weights change the target's own logits, see below
-        assert [o.token_ids for o in outs] == plain_outputs
+    assert [o.token_ids for o in outs] == plain_outputs
     assert llm.engine.pool.all_free()
     if method != "auto":  # the adaptive controller may rightly decline to draft for a random model
         assert llm.engine.spec.stats()["draft_tokens"] > 0
@@ -48,7 +47,11 @@ def test_quantized_draft_keeps_the_fp32_target_exact(tiny_model_dir, plain_outpu
     llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="quantized", num_spec_tokens=4,
               spec_adaptive=False)
     assert llm.engine.model.weight_format == "dense"
+    # it drafts in the target's own KV cache: no second cache, no prompt catch-up per request
+    assert llm.engine.spec.proposer.runner.cache is llm.engine.runner.cache
+    assert llm.engine.spec.proposer.runner.model.weight_format == "int8"
     assert [o.token_ids for o in llm.generate(_prompts(), GREEDY)] == plain_outputs
+    assert llm.engine.spec.stats()["accepted_tokens"] > 0
 
 
 def test_ngram_accepts_on_repetitive_text_and_reports_metrics(tiny_model_dir):

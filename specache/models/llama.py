@@ -196,18 +196,6 @@ class LlamaModel:
         self.lm_head.int8_max_rows = calibrate_int8_max_rows(self.lm_head, self.dtype, self.device)
         log.info("hybrid weights: lm_head uses int8 up to %d rows", self.lm_head.int8_max_rows)
 
-    def share_dense_weights(self, other: LlamaModel) -> None:
-        """Turn an int8 model into a hybrid one that borrows `other`'s dense weights (no copy): the
-        quantized self-draft then prefills long prompts with the target's GEMMs instead of the int8
-        kernel, which is 10x slower at hundreds of rows."""
-        mine = [self.lm_head] + [p for lw in self.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]
-        theirs = [other.lm_head] + [p for lw in other.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]
-        for m, t in zip(mine, theirs, strict=True):
-            if t.dense is None and t.dense_t is None:
-                continue
-            m.dense, m.dense_t = t.dense, t.dense_t
-            m.int8_max_rows = t.int8_max_rows if t.q is not None else HYBRID_INT8_MAX_ROWS
-
     @property
     def num_layers(self) -> int:
         return self.config.num_layers

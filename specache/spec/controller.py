@@ -80,7 +80,9 @@ class SpecController:
         self._verify_ms: Callable[[int, int], float] | None = None  # (K, batch) -> ms
         self._plain_ms: Callable[[int], float] | None = None  # batch -> ms
         self._draft_ms: Callable[[int, int], float] | None = None  # (K, batch) -> ms
-        self.draft_ms_per_token = 0.0  # EMA of measured drafting time, when no draft_ms is given
+        # batch size -> EMA of measured ms per drafting pass (one token for every drafting sequence),
+        # used when no draft_ms is given
+        self._draft_pass_ms: dict[int, float] = {}
         self.seqs: dict[int, _SeqState] = {}
         self._global = _SeqState()
         self.drafts = 0
@@ -101,7 +103,8 @@ class SpecController:
         step_cost_s: measured seconds for one target pass over n tokens ({n: seconds}); verify of
         K drafts for a batch of B costs step(B * (K + 1)), plain decoding step(B). Or give
         verify_ms(K, batch) and plain_ms(batch) directly. draft_ms(K, batch): drafting time for the
-        batch; without it, the EMA of `record_draft_time` measurements (ms per drafted token) is used.
+        batch; without it, K times the measured time of one drafting pass at that batch size
+        (`record_draft_time`).
         """
         if step_cost_s:
             self._step_ms = {n: s * 1000.0 for n, s in sorted(step_cost_s.items())}
@@ -113,12 +116,26 @@ class SpecController:
     def calibrated(self) -> bool:
         return bool(self._step_ms) or self._verify_ms is not None
 
-    def record_draft_time(self, seconds: float, num_tokens: int) -> None:
-        """The proposer's measured time for a batch that produced num_tokens draft tokens."""
-        if num_tokens > 0:
-            per = seconds * 1000.0 / num_tokens
-            self.draft_ms_per_token = per if not self.draft_ms_per_token else \
-                0.8 * self.draft_ms_per_token + 0.2 * per
+    def record_draft_time(self, seconds: float, num_passes: int, batch_size: int) -> None:
+        """The proposer's measured time for drafting `num_passes` tokens for each of `batch_size`
+        sequences. Kept per batch size: a model drafter's pass over 2 sequences costs about what a
+        pass over 1 does (memory-bound), so a cost per drafted token would double-count batches."""
+        if num_passes > 0 and batch_size > 0:
+            per = seconds * 1000.0 / num_passes
+            old = self._draft_pass_ms.get(batch_size)
+            self._draft_pass_ms[batch_size] = per if old is None else 0.8 * old + 0.2 * per
+
+    def draft_pass_ms(self, batch_size: int) -> float:
+        """Measured ms of one drafting pass for a batch; for a batch size not measured yet, the
+        nearest measured one scaled by how the target's pass cost grows between the two sizes
+        (drafters are models too: flat while memory-bound, linear once compute-bound). 0 before any
+        measurement."""
+        if not self._draft_pass_ms:
+            return 0.0
+        if batch_size in self._draft_pass_ms:
+            return self._draft_pass_ms[batch_size]
+        nearest = min(self._draft_pass_ms, key=lambda b: (abs(b - batch_size), b))
+        return self._draft_pass_ms[nearest] * self._pass_ms(batch_size) / self._pass_ms(nearest)
 
     def _pass_ms(self, tokens: int) -> float:
         """Target pass over `tokens` tokens: the measured table, interpolated, linear past its end."""
@@ -140,7 +157,7 @@ class SpecController:
         if self._draft_ms:
             draft = self._draft_ms(k, batch)
         elif self.calibrated:
-            draft = self.draft_ms_per_token * k * batch
+            draft = self.draft_pass_ms(batch) * k
         else:
             draft = 0.0  # uncalibrated steps are in made-up units: measured ms would not compare
         return verify + draft

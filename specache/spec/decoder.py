@@ -32,31 +32,38 @@ def build_proposer(engine, method: str) -> Proposer:
     if method.startswith("layer-skip"):
         _, _, layers = method.partition(":")
         n = int(layers) if layers else engine.model.num_layers // 2
-        from specache.spec.layer_skip import LayerSkipProposer
+        from specache.spec.self_draft import SelfDraftProposer
 
-        return LayerSkipProposer(engine.runner, n, engine.live_seqs)
-    if method.startswith("draft:") or method == "quantized":
-        return _model_proposer(engine, method)
+        return SelfDraftProposer(engine.runner, engine.live_seqs, num_layers=n)
+    if method == "quantized":
+        return _quantized_proposer(engine)
+    if method.startswith("draft:"):
+        return _model_proposer(engine, method.split(":", 1)[1])
     raise ConfigError(f"unknown speculative method {method!r}; use {METHODS}")
 
 
-def _model_proposer(engine, method: str) -> Proposer:
+def _quantized_proposer(engine) -> Proposer:
+    """The target with int8 weights, drafting in the target's own KV cache."""
+    from specache.engine.runner import ModelRunner
+    from specache.models.llama import LlamaModel
+    from specache.spec.self_draft import SelfDraftProposer
+
+    model = LlamaModel(engine.model_config, engine.loaded.weights, engine.model.dtype, engine.device,
+                       weight_format="int8")
+    return SelfDraftProposer(ModelRunner(model, engine.runner.cache), engine.live_seqs, name="quantized")
+
+
+def _model_proposer(engine, path: str) -> Proposer:
+    """A smaller model with the same tokenizer, with its own paged KV cache."""
     from specache.models.llama import LlamaModel
     from specache.models.loader import load_model
     from specache.spec.draft import ModelProposer
 
-    if method == "quantized":
-        model = LlamaModel(engine.model_config, engine.loaded.weights, engine.model.dtype, engine.device,
-                           weight_format="int8")
-        model.share_dense_weights(engine.model)
-        name = "quantized"
-    else:
-        draft = load_model(method.split(":", 1)[1])
-        if draft.config.vocab_size != engine.model_config.vocab_size:
-            raise ConfigError("the draft model must share the target's tokenizer (vocab sizes differ)")
-        model = LlamaModel(draft.config, draft.weights, engine.model.dtype, engine.device)
-        name = "draft"
-    return ModelProposer(model, engine.pool.num_blocks, engine.pool.block_size, name)
+    draft = load_model(path)
+    if draft.config.vocab_size != engine.model_config.vocab_size:
+        raise ConfigError("the draft model must share the target's tokenizer (vocab sizes differ)")
+    model = LlamaModel(draft.config, draft.weights, engine.model.dtype, engine.device)
+    return ModelProposer(model, engine.pool.num_blocks, engine.pool.block_size, "draft")
 
 
 def measure_step_costs(engine, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), repeats: int = 2
@@ -111,7 +118,8 @@ class SpecDecoder:
             return {}
         t0 = time.perf_counter()
         drafts: list[Draft] = self.proposer.propose(reqs)
-        self.controller.record_draft_time(time.perf_counter() - t0, sum(len(d.tokens) for d in drafts))
+        self.controller.record_draft_time(time.perf_counter() - t0, max(len(d.tokens) for d in drafts),
+                                          sum(1 for d in drafts if d.tokens))
         out = {}
         for r, d in zip(reqs, drafts, strict=True):
             toks = d.tokens[: r.num_tokens]

@@ -1,5 +1,6 @@
-"""Model drafters: a smaller model with the same tokenizer ("draft:PATH"), or the target
-itself with int8 weights ("quantized"). Each keeps its own paged KV cache.
+"""A separate draft model with the same tokenizer ("draft:PATH"), with its own paged KV cache
+(its layers differ from the target's, so it cannot read the target's K/V; self-drafters can,
+see self_draft.py).
 
 Per sequence the drafter remembers how many tokens its cache holds; after verification it
 rolls that back to the accepted prefix, so rejected drafts leave no trace.

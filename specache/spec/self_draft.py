@@ -1,8 +1,11 @@
-"""Self-drafting by early exit: the target's first L layers + its final norm and LM head.
+"""Self-drafting inside the target's own KV cache: early exit ("layer-skip:L", the target's first
+L layers + its final norm and LM head) or the whole target with int8 weights ("quantized").
 
-The drafter writes its K/V into the target's own cache (layers < L, at the draft positions
-the scheduler reserved); the verification pass recomputes those positions through every
-layer and overwrites them, so nothing needs rolling back.
+The drafter reads the target's K/V for every verified position, so it needs no cache of its own
+and never catches up on a prompt (a separate cache made the first draft of each request cost a
+full prefill). It writes its own K/V only at the draft positions the scheduler reserved; the
+verification pass recomputes those positions through every layer and overwrites them, so nothing
+needs rolling back.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from specache.spec.base import Draft, DraftRequest, Proposer
 from specache.spec.draft import _draft_generator
 
 
-class LayerSkipProposer(Proposer):
-    def __init__(self, runner: ModelRunner, num_layers: int, seqs: dict[int, Sequence]) -> None:
-        if not 0 < num_layers < runner.model.num_layers:
-            raise ValueError(f"layer-skip needs 0 < L < {runner.model.num_layers}, got {num_layers}")
-        self.name = f"layer-skip:{num_layers}"
+class SelfDraftProposer(Proposer):
+    def __init__(self, runner: ModelRunner, seqs: dict[int, Sequence], num_layers: int | None = None,
+                 name: str | None = None) -> None:
+        """runner: the target's cache with the drafting model (the target itself, or a copy with
+        other weights); num_layers: exit after that many layers (None: all)."""
+        total = runner.model.num_layers
+        if num_layers is not None and not 0 < num_layers < total:
+            raise ValueError(f"layer-skip needs 0 < L < {total}, got {num_layers}")
+        self.name = name or (f"layer-skip:{num_layers}" if num_layers else "self-draft")
         self.runner = runner
         self.num_layers = num_layers
         self.seqs = seqs  # the engine's live sequences by id (for block tables)
