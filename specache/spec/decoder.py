@@ -32,7 +32,7 @@ def build_proposer(engine, method: str) -> Proposer:
     if method.startswith("layer-skip"):
         _, _, layers = method.partition(":")
         n = int(layers) if layers else engine.model.num_layers // 2
-        from specache.spec.self_draft import SelfDraftProposer
+        from specache.spec.layer_skip import SelfDraftProposer
 
         return SelfDraftProposer(engine.runner, engine.live_seqs, num_layers=n)
     if method == "quantized":
@@ -46,7 +46,7 @@ def _quantized_proposer(engine) -> Proposer:
     """The target with int8 weights, drafting in the target's own KV cache."""
     from specache.engine.runner import ModelRunner
     from specache.models.llama import LlamaModel
-    from specache.spec.self_draft import SelfDraftProposer
+    from specache.spec.layer_skip import SelfDraftProposer
 
     model = LlamaModel(engine.model_config, engine.loaded.weights, engine.model.dtype, engine.device,
                        weight_format="int8")

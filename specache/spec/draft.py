@@ -1,6 +1,6 @@
 """A separate draft model with the same tokenizer ("draft:PATH"), with its own paged KV cache
 (its layers differ from the target's, so it cannot read the target's K/V; self-drafters can,
-see self_draft.py).
+see layer_skip.py).
 
 Per sequence the drafter remembers how many tokens its cache holds; after verification it
 rolls that back to the accepted prefix, so rejected drafts leave no trace.

@@ -1,5 +1,6 @@
 """Self-drafting inside the target's own KV cache: early exit ("layer-skip:L", the target's first
-L layers + its final norm and LM head) or the whole target with int8 weights ("quantized").
+L layers + its final norm and LM head) or, with the same machinery, the whole target with int8
+weights ("quantized").
 
 The drafter reads the target's K/V for every verified position, so it needs no cache of its own
 and never catches up on a prompt (a separate cache made the first draft of each request cost a
