@@ -96,6 +96,31 @@ def test_expensive_probes_are_rare_enough_to_cost_at_most_max_probe_overhead():
     assert 0 < wasted / len(ks) <= c.max_probe_overhead
 
 
+def test_shadow_evidence_turns_a_sequence_back_on_before_any_probe():
+    """Prompt lookup drafts for free: while a sequence is off, the decoder's shadow drafts report
+    how they would have fared, and a sequence whose text turns copyable resumes at once."""
+    c = SpecController(max_k=4, probe_every=1000)
+    c.calibrate(MEMORY_BOUND)
+    for _ in range(6):
+        if k := c.choose_k(1, 1):
+            c.record(1, k, 0)
+    assert c.choose_k(1, 1) == 0 and c.is_off_for_acceptance(1)
+    before = c.stats()
+    for _ in range(4):
+        c.record_shadow(1, 4, 4)
+    assert c.choose_k(1, 1) == 4 and not c.is_off_for_acceptance(1)
+    after = c.stats()
+    assert after["drafts"] == before["drafts"] and after["draft_tokens"] == before["draft_tokens"]
+    assert after["shadow_drafts"] == 4 and after["probes"] == 0
+
+
+def test_a_sequence_off_for_cost_is_not_off_for_acceptance():
+    c = SpecController(max_k=4)
+    c.calibrate(COMPUTE_BOUND)
+    assert c.choose_k(1, batch_size=32) == 0
+    assert not c.is_off_for_acceptance(1)  # better drafts could not help: no shadow drafting
+
+
 def test_large_compute_bound_batches_do_not_speculate_and_do_not_probe():
     c = SpecController(max_k=4, probe_every=2)
     c.calibrate(COMPUTE_BOUND)

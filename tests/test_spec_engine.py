@@ -62,6 +62,24 @@ def test_ngram_accepts_on_repetitive_text_and_reports_metrics(tiny_model_dir):
     assert m["spec_mean_accepted_length"] >= 1
 
 
+def test_shadow_drafts_settle_against_the_decoded_tokens(tiny_model_dir):
+    """A shadow draft is settled once decoding shows a mismatch or has matched all of it, and only
+    its outcome reaches the controller (as evidence, not as a draft)."""
+    from specache.engine.sequence import Sequence
+
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="ngram", num_spec_tokens=4)
+    spec = llm.engine.spec
+    seq = Sequence(7, "r", 0, [5, 6, 7], GREEDY)
+    seq.tokens = [5, 6, 7, 8, 9]  # decoded so far: 8, 9 after a draft made at index 3
+    assert not spec._settle_shadow(seq, 3, [8, 9, 10, 11])  # matches so far, 2 still to come
+    assert spec._settle_shadow(seq, 3, [8, 4, 10, 11])  # mismatch at the 2nd token: 1 matched
+    seq.tokens += [10, 11]
+    assert spec._settle_shadow(seq, 3, [8, 9, 10, 11])  # all 4 matched
+    st = spec.controller.seqs[7]
+    assert (st.successes, st.raw_trials) == (pytest.approx(0.8 * 1 + 4), 2 + 4)
+    assert spec.controller.stats()["shadow_drafts"] == 2 and spec.controller.stats()["drafts"] == 0
+
+
 def _first_tokens(llm, n: int, seed0: int) -> list[tuple[int, ...]]:
     prompts = [[1, 2, 3, 1, 2]] * n
     params = [SamplingParams(max_tokens=2, temperature=1.0, seed=seed0 + i, ignore_eos=True) for i in range(n)]

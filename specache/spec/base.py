@@ -33,6 +33,9 @@ class Draft:
 
 class Proposer(ABC):
     name: str = "proposer"
+    # Drafting costs nothing next to a decode step (a lookup, no model): the decoder may then draft
+    # in the shadow for sequences that are switched off, to learn when drafting would pay again.
+    free_to_draft: bool = False
 
     @abstractmethod
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:

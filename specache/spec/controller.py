@@ -19,7 +19,11 @@ probe costs what its draft and wider verification cost (measured: 0.2 of a step 
 1.2 steps with an 8-layer self-draft), so the interval is at least `probe_every` steps and long
 enough that failed probes spend at most `max_probe_overhead` of decode time, and it doubles after
 each failed probe (up to `max_probe_backoff` times). A new sequence that starts off because of the
-global prior is probed on its first step when probing is cheap.
+global prior is probed on its first step when probing is cheap. A proposer whose drafts cost
+nothing to make (prompt lookup) needs no probes: while a sequence is off, the decoder keeps
+drafting in the shadow, compares each shadow draft with the tokens plain decoding then produced,
+and feeds that evidence in through `record_shadow`, so drafting resumes as soon as the text turns
+copyable (a copy-heavy request whose first sentence is not a copy used to wait 24+ steps).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class _SeqState:
     off_steps: int = 0  # steps switched off for low acceptance since the last probe
     failed_probes: int = 0  # consecutive probes that accepted nothing
     probing: bool = False  # the last K handed out was a probe
+    off: bool = False  # switched off for its acceptance (not for cost) at the last decision
 
 
 class SpecController:
@@ -91,6 +96,7 @@ class SpecController:
         self.per_position: list[list[int]] = []  # position -> [drafted, accepted]
         self.chosen_k: dict[int, int] = {}
         self.probes = 0
+        self.shadow_drafts = 0
 
     # ------------------------------------------------------------------ cost model
 
@@ -192,8 +198,14 @@ class SpecController:
         self.chosen_k[k] = self.chosen_k.get(k, 0) + 1
         return k
 
+    def is_off_for_acceptance(self, seq_id: int) -> bool:
+        """Whether the last decision for the sequence was K=0 because its drafts are bad while good
+        drafts would pay: evidence about its acceptance (shadow drafts) could bring it back."""
+        st = self.seqs.get(seq_id)
+        return st is not None and st.off
+
     def _choose(self, st: _SeqState, alpha: float, batch_size: int) -> int:
-        st.probing = False
+        st.probing = st.off = False
         if self.max_k <= 0:
             return 0
         low = st.raw_trials >= self.warmup_trials and alpha < self.min_alpha
@@ -202,6 +214,7 @@ class SpecController:
         # for a sequence with no record of its own when a probe is cheap (the global prior came
         # from other requests: one copy-heavy request after many open-ended ones must not wait).
         if k == 0 and (low or self.best_k(_HIGH_ALPHA, batch_size) > 0):
+            st.off = True
             st.off_steps += 1
             extra = self.probe_cost(batch_size)
             interval = self.probe_interval(batch_size, extra) * 2 ** min(st.failed_probes, self.max_probe_backoff)
@@ -230,15 +243,11 @@ class SpecController:
         if num_drafted <= 0:
             return
         num_accepted = max(0, min(num_accepted, num_drafted))
-        trials = num_accepted + (1 if num_accepted < num_drafted else 0)
         seq = self.seqs.setdefault(seq_id, _SeqState())
         if seq.probing:
             seq.failed_probes = 0 if num_accepted else seq.failed_probes + 1
             seq.probing = False
-        for st, decay in ((seq, self.decay), (self._global, self.global_decay)):
-            st.successes = decay * st.successes + num_accepted
-            st.trials = decay * st.trials + trials
-            st.raw_trials += trials
+        self._update_acceptance(seq, num_drafted, num_accepted)
         self.drafts += 1
         self.draft_tokens += num_drafted
         self.accepted_tokens += num_accepted
@@ -247,6 +256,24 @@ class SpecController:
         for pos in range(num_drafted):
             self.per_position[pos][0] += 1
             self.per_position[pos][1] += pos < num_accepted
+
+    def record_shadow(self, seq_id: int, num_drafted: int, num_accepted: int) -> None:
+        """A draft that was never verified, compared with the tokens decoding produced instead:
+        the same evidence about acceptance as `record`, without counting as a draft."""
+        if num_drafted <= 0:
+            return
+        self.shadow_drafts += 1
+        seq = self.seqs.setdefault(seq_id, _SeqState())
+        if num_accepted:
+            seq.failed_probes = 0
+        self._update_acceptance(seq, num_drafted, max(0, min(num_accepted, num_drafted)))
+
+    def _update_acceptance(self, seq: _SeqState, num_drafted: int, num_accepted: int) -> None:
+        trials = num_accepted + (1 if num_accepted < num_drafted else 0)
+        for st, decay in ((seq, self.decay), (self._global, self.global_decay)):
+            st.successes = decay * st.successes + num_accepted
+            st.trials = decay * st.trials + trials
+            st.raw_trials += trials
 
     def release(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)
@@ -272,6 +299,7 @@ class SpecController:
             "acceptance_per_position": [a / d if d else 0.0 for d, a in self.per_position],
             "k_chosen": dict(sorted(self.chosen_k.items())),
             "probes": self.probes,
+            "shadow_drafts": self.shadow_drafts,
             "draft_cost_ratio": ratio,
             "expected_speedup": expected_speedup(alpha, round(mean_k), ratio) if drafts else None,
         }

@@ -66,8 +66,12 @@ def _model_proposer(engine, path: str) -> Proposer:
     return ModelProposer(model, engine.pool.num_blocks, engine.pool.block_size, "draft")
 
 
-def measure_step_costs(engine, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), repeats: int = 2
-                       ) -> dict[int, float]:
+# Dense where the cost curve has steps: the int8 kernel of hybrid weights costs about the same for
+# 1-4 rows and jumps by half at 5 (measured), which linear interpolation from 4 to 8 would hide.
+STEP_COST_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
+
+
+def measure_step_costs(engine, sizes: tuple[int, ...] = STEP_COST_SIZES, repeats: int = 2) -> dict[int, float]:
     """Seconds for one target pass over n tokens, measured once at start (the controller's cost model)."""
     from specache.engine.sequence import Sequence
     from specache.sampling import SamplingParams
@@ -101,6 +105,8 @@ class SpecDecoder:
         self.controller = SpecController(max_k=num_spec_tokens)
         self.controller.calibrate(measure_step_costs(engine))
         self._draft_probs: dict[int, torch.Tensor | None] = {}
+        # seq_id -> (index in seq.tokens of the shadow draft's first token, the drafted tokens)
+        self._shadows: dict[int, tuple[int, list[int]]] = {}
 
     # -------------------------------------------------------------- scheduling
 
@@ -112,6 +118,8 @@ class SpecDecoder:
         return self.controller.choose_k(seq.seq_id, len(self.engine.scheduler.running))
 
     def propose(self, sched: SchedulerOutput) -> dict[int, list[int]]:
+        if self.proposer.free_to_draft:
+            self._shadow_drafts(sched)
         reqs = [DraftRequest(s.seq.seq_id, s.seq.tokens, s.num_spec_slots, s.seq.params)
                 for s in sched.scheduled if s.num_spec_slots > 0]
         if not reqs:
@@ -126,6 +134,38 @@ class SpecDecoder:
             out[r.seq_id] = toks
             self._draft_probs[r.seq_id] = d.probs[: len(toks)] if d.probs is not None and toks else None
         return out
+
+    def _shadow_drafts(self, sched: SchedulerOutput) -> None:
+        """For sequences switched off for their acceptance: settle the pending shadow draft against
+        the tokens decoding produced since, and draft a new one (never verified, free to make).
+        A shadow draft token matches the decoded token with the probability that verification would
+        have accepted it (greedy: argmax equality; sampling with one-hot q: p(x)), so it is the same
+        evidence a real draft gives."""
+        requests = []
+        for s in sched.scheduled:
+            seq = s.seq
+            pending = self._shadows.get(seq.seq_id)
+            if pending is not None and self._settle_shadow(seq, *pending):
+                del self._shadows[seq.seq_id]
+                pending = None
+            decoding = s.num_new_tokens == 1 and s.num_spec_slots == 0 and seq.output_ids
+            if pending is None and decoding and self.controller.is_off_for_acceptance(seq.seq_id):
+                requests.append(DraftRequest(seq.seq_id, seq.tokens, self.max_k, seq.params))
+        if requests:
+            for r, d in zip(requests, self.proposer.propose(requests), strict=True):
+                if d.tokens:
+                    self._shadows[r.seq_id] = (len(r.token_ids), list(d.tokens))
+
+    def _settle_shadow(self, seq: Sequence, start: int, draft: list[int]) -> bool:
+        """Record the shadow draft once its outcome is known (a mismatch, or every token matched)."""
+        actual = seq.tokens[start: start + len(draft)]
+        matched = 0
+        while matched < len(actual) and actual[matched] == draft[matched]:
+            matched += 1
+        if matched == len(actual) and len(actual) < len(draft):
+            return False  # all matched so far; the rest is not decoded yet
+        self.controller.record_shadow(seq.seq_id, len(draft), matched)
+        return True
 
     # -------------------------------------------------------------- verification
 
@@ -172,6 +212,7 @@ class SpecDecoder:
 
     def release(self, seq: Sequence) -> None:
         self._draft_probs.pop(seq.seq_id, None)
+        self._shadows.pop(seq.seq_id, None)
         self.proposer.release(seq.seq_id)
         self.controller.release(seq.seq_id)
 
