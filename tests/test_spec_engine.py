@@ -54,6 +54,15 @@ def test_quantized_draft_keeps_the_fp32_target_exact(tiny_model_dir, plain_outpu
     assert llm.engine.spec.stats()["accepted_tokens"] > 0
 
 
+def test_auto_drafts_by_lookup_on_copies_and_by_the_int8_model_elsewhere(tiny_model_dir, plain_outputs):
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="auto", num_spec_tokens=4,
+              spec_adaptive=False)
+    assert [o.token_ids for o in llm.generate(_prompts(), GREEDY)] == plain_outputs
+    stats = llm.engine.spec.stats()
+    assert stats["lookup_drafts"] > 0 and stats["model_drafts"] > 0
+    assert llm.engine.pool.all_free()
+
+
 def test_ngram_accepts_on_repetitive_text_and_reports_metrics(tiny_model_dir):
     llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="ngram", num_spec_tokens=4, spec_adaptive=False)
     out = llm.generate([_prompts()[0]], GREEDY)[0]
@@ -75,7 +84,7 @@ def test_shadow_drafts_settle_against_the_decoded_tokens(tiny_model_dir):
     assert spec._settle_shadow(seq, 3, [8, 4, 10, 11])  # mismatch at the 2nd token: 1 matched
     seq.tokens += [10, 11]
     assert spec._settle_shadow(seq, 3, [8, 9, 10, 11])  # all 4 matched
-    st = spec.controller.seqs[7]
+    st = spec.controller.seqs[(7, True)]  # prompt lookup drafts are free
     assert (st.successes, st.raw_trials) == (pytest.approx(0.8 * 1 + 4), 2 + 4)
     assert spec.controller.stats()["shadow_drafts"] == 2 and spec.controller.stats()["drafts"] == 0
 

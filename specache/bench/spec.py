@@ -49,7 +49,7 @@ GROUNDED = ["code edit", "summarise with quotes", "extract fields", "multi-turn 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--methods", default="ngram,lookahead,layer-skip:8,quantized,draft")
+    p.add_argument("--methods", default="ngram,lookahead,layer-skip:8,quantized,auto,draft")
     p.add_argument("--temperatures", default="0,0.7")
     p.add_argument("--batches", default="1,4,16", help="batch sizes for the batch study (ngram vs plain)")
     p.add_argument("--new-tokens", type=int, default=96)

@@ -41,6 +41,11 @@ class Proposer(ABC):
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         """One draft per request, in request order."""
 
+    def drafts_free_for(self, seq_id: int, token_ids: list[int]) -> bool:
+        """Whether this sequence's next draft will cost nothing next to a target pass (the controller
+        then leaves drafting out of the step's cost, and the decoder does not time it)."""
+        return self.free_to_draft
+
     def on_verified(self, seq_id: int, num_accepted: int) -> None:  # noqa: B027 - optional hook
         """Called after verification; model drafters roll their KV back to the accepted prefix."""
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
 _HIGH_ALPHA = 0.9  # "would speculation pay if drafts were good?": decides whether to probe
@@ -88,7 +88,7 @@ class SpecController:
         # batch size -> EMA of measured ms per drafting pass (one token for every drafting sequence),
         # used when no draft_ms is given
         self._draft_pass_ms: dict[int, float] = {}
-        self.seqs: dict[int, _SeqState] = {}
+        self.seqs: dict[Hashable, _SeqState] = {}  # per sequence (or per sequence and draft source)
         self._global = _SeqState()
         self.drafts = 0
         self.draft_tokens = 0
@@ -155,12 +155,15 @@ class SpecController:
         slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
         return ys[i - 1] + slope * (tokens - xs[i - 1])
 
-    def step_ms(self, k: int, batch: int) -> float:
-        """Predicted time of one decode step for a batch of `batch` sequences drafting k each."""
+    def step_ms(self, k: int, batch: int, free_draft: bool = False) -> float:
+        """Predicted time of one decode step for a batch of `batch` sequences drafting k each
+        (free_draft: the drafts cost nothing next to a target pass, e.g. a prompt-lookup hit)."""
         if k == 0:
             return self._plain_ms(batch) if self._plain_ms else self._pass_ms(batch)
         verify = self._verify_cost(k, batch)
-        if self._draft_ms:
+        if free_draft:
+            draft = 0.0
+        elif self._draft_ms:
             draft = self._draft_ms(k, batch)
         elif self.calibrated:
             draft = self.draft_pass_ms(batch) * k
@@ -171,19 +174,19 @@ class SpecController:
     def _verify_cost(self, k: int, batch: int) -> float:
         return self._verify_ms(k, batch) if self._verify_ms else self._pass_ms(batch * (k + 1))
 
-    def best_k(self, alpha: float, batch_size: int) -> int:
+    def best_k(self, alpha: float, batch_size: int, free_draft: bool = False) -> int:
         """K in [0, max_k] maximising expected tokens per ms; 0 unless it beats plain by `margin`."""
         batch = max(batch_size, 1)
         best, best_rate = 0, self.margin / self.step_ms(0, batch)
         for k in range(1, self.max_k + 1):
-            rate = expected_tokens(alpha, k) / self.step_ms(k, batch)
+            rate = expected_tokens(alpha, k) / self.step_ms(k, batch, free_draft)
             if rate > best_rate:
                 best, best_rate = k, rate
         return best
 
     # ------------------------------------------------------------------ acceptance
 
-    def alpha(self, seq_id: int | None = None) -> float:
+    def alpha(self, seq_id: Hashable | None = None) -> float:
         """Per-token acceptance estimate for a sequence (global when seq_id is None or unknown)."""
         g = self._global
         prior = g.successes / g.trials if g.trials > 0 else self.prior_alpha
@@ -192,31 +195,32 @@ class SpecController:
             return prior
         return (st.successes + self.prior_trials * prior) / (st.trials + self.prior_trials)
 
-    def choose_k(self, seq_id: int, batch_size: int) -> int:
+    def choose_k(self, seq_id: Hashable, batch_size: int, free_draft: bool = False) -> int:
+        """K for the sequence's next step; free_draft: its draft will cost nothing (a lookup hit)."""
         st = self.seqs.setdefault(seq_id, _SeqState())
-        k = self._choose(st, self.alpha(seq_id), batch_size)
+        k = self._choose(st, self.alpha(seq_id), batch_size, free_draft)
         self.chosen_k[k] = self.chosen_k.get(k, 0) + 1
         return k
 
-    def is_off_for_acceptance(self, seq_id: int) -> bool:
+    def is_off_for_acceptance(self, seq_id: Hashable) -> bool:
         """Whether the last decision for the sequence was K=0 because its drafts are bad while good
         drafts would pay: evidence about its acceptance (shadow drafts) could bring it back."""
         st = self.seqs.get(seq_id)
         return st is not None and st.off
 
-    def _choose(self, st: _SeqState, alpha: float, batch_size: int) -> int:
+    def _choose(self, st: _SeqState, alpha: float, batch_size: int, free_draft: bool = False) -> int:
         st.probing = st.off = False
         if self.max_k <= 0:
             return 0
         low = st.raw_trials >= self.warmup_trials and alpha < self.min_alpha
-        k = 0 if low else self.best_k(alpha, batch_size)
+        k = 0 if low else self.best_k(alpha, batch_size, free_draft)
         # Off because drafts are bad, while good drafts would pay: probe now and then, and at once
         # for a sequence with no record of its own when a probe is cheap (the global prior came
         # from other requests: one copy-heavy request after many open-ended ones must not wait).
-        if k == 0 and (low or self.best_k(_HIGH_ALPHA, batch_size) > 0):
+        if k == 0 and (low or self.best_k(_HIGH_ALPHA, batch_size, free_draft) > 0):
             st.off = True
             st.off_steps += 1
-            extra = self.probe_cost(batch_size)
+            extra = self.probe_cost(batch_size, free_draft)
             interval = self.probe_interval(batch_size, extra) * 2 ** min(st.failed_probes, self.max_probe_backoff)
             first = st.raw_trials == 0 and st.off_steps == 1 and extra <= 0.5
             if st.off_steps >= interval or first:
@@ -228,17 +232,17 @@ class SpecController:
         st.off_steps = 0
         return k
 
-    def probe_cost(self, batch_size: int) -> float:
+    def probe_cost(self, batch_size: int, free_draft: bool = False) -> float:
         """Extra time of a probe step over a plain step, in plain steps (what a failed probe wastes)."""
         batch = max(batch_size, 1)
-        return self.step_ms(min(self.probe_k, self.max_k), batch) / self.step_ms(0, batch) - 1.0
+        return self.step_ms(min(self.probe_k, self.max_k), batch, free_draft) / self.step_ms(0, batch) - 1.0
 
     def probe_interval(self, batch_size: int, extra: float | None = None) -> int:
         """Steps between probes of a switched-off sequence before any back-off."""
         extra = self.probe_cost(batch_size) if extra is None else extra
         return max(self.probe_every, math.ceil(extra / self.max_probe_overhead))
 
-    def record(self, seq_id: int, num_drafted: int, num_accepted: int) -> None:
+    def record(self, seq_id: Hashable, num_drafted: int, num_accepted: int) -> None:
         """One verification result: num_accepted of num_drafted drafts survived."""
         if num_drafted <= 0:
             return
@@ -257,7 +261,7 @@ class SpecController:
             self.per_position[pos][0] += 1
             self.per_position[pos][1] += pos < num_accepted
 
-    def record_shadow(self, seq_id: int, num_drafted: int, num_accepted: int) -> None:
+    def record_shadow(self, seq_id: Hashable, num_drafted: int, num_accepted: int) -> None:
         """A draft that was never verified, compared with the tokens decoding produced instead:
         the same evidence about acceptance as `record`, without counting as a draft."""
         if num_drafted <= 0:
@@ -275,7 +279,7 @@ class SpecController:
             st.trials = decay * st.trials + trials
             st.raw_trials += trials
 
-    def release(self, seq_id: int) -> None:
+    def release(self, seq_id: Hashable) -> None:
         self.seqs.pop(seq_id, None)
 
     # ------------------------------------------------------------------ reporting

@@ -13,7 +13,7 @@ from specache.engine.scheduler import SchedulerOutput
 from specache.engine.sequence import Sequence
 from specache.errors import ConfigError
 from specache.sampling import logits_to_probs
-from specache.spec.base import Draft, DraftRequest, Proposer
+from specache.spec.base import DraftRequest, Proposer
 from specache.spec.controller import SpecController
 from specache.spec.verify import verify
 
@@ -23,8 +23,12 @@ METHODS = "ngram | draft:PATH | layer-skip:L | quantized | lookahead | auto"
 def build_proposer(engine, method: str) -> Proposer:
     from specache.spec.ngram import NgramProposer
 
-    if method in ("ngram", "auto"):
+    if method == "ngram":
         return NgramProposer()
+    if method == "auto":
+        from specache.spec.auto import AutoProposer
+
+        return AutoProposer(_quantized_proposer(engine))
     if method == "lookahead":
         from specache.spec.lookahead import LookaheadProposer
 
@@ -107,6 +111,13 @@ class SpecDecoder:
         self._draft_probs: dict[int, torch.Tensor | None] = {}
         # seq_id -> (index in seq.tokens of the shadow draft's first token, the drafted tokens)
         self._shadows: dict[int, tuple[int, list[int]]] = {}
+        # seq_id -> whether this step's draft was free: acceptance is tracked per sequence and
+        # source, since an `auto` sequence's lookup hits and model drafts fare differently
+        self._free_draft: dict[int, bool] = {}
+
+    def _key(self, seq_id: int, free: bool) -> tuple[int, bool]:
+        """The controller's record for a sequence's drafts from one source (free or paid)."""
+        return seq_id, free
 
     # -------------------------------------------------------------- scheduling
 
@@ -115,7 +126,9 @@ class SpecDecoder:
             return 0
         if not self.engine.config.spec_adaptive:
             return self.max_k
-        return self.controller.choose_k(seq.seq_id, len(self.engine.scheduler.running))
+        free = self.proposer.drafts_free_for(seq.seq_id, seq.tokens)
+        return self.controller.choose_k(self._key(seq.seq_id, free), len(self.engine.scheduler.running),
+                                        free_draft=free)
 
     def propose(self, sched: SchedulerOutput) -> dict[int, list[int]]:
         if self.proposer.free_to_draft:
@@ -124,12 +137,20 @@ class SpecDecoder:
                 for s in sched.scheduled if s.num_spec_slots > 0]
         if not reqs:
             return {}
-        t0 = time.perf_counter()
-        drafts: list[Draft] = self.proposer.propose(reqs)
-        self.controller.record_draft_time(time.perf_counter() - t0, max(len(d.tokens) for d in drafts),
-                                          sum(1 for d in drafts if d.tokens))
+        # Free drafts (lookup hits) and paid ones (model passes) apart: only the paid ones are timed,
+        # so the controller's drafting cost is what a model pass costs.
+        free = [r for r in reqs if self.proposer.drafts_free_for(r.seq_id, r.token_ids)]
+        paid = [r for r in reqs if not self.proposer.drafts_free_for(r.seq_id, r.token_ids)]
+        drafts = self.proposer.propose(free) if free else []
+        if paid:
+            t0 = time.perf_counter()
+            paid_drafts = self.proposer.propose(paid)
+            self.controller.record_draft_time(time.perf_counter() - t0, max(len(d.tokens) for d in paid_drafts),
+                                              sum(1 for d in paid_drafts if d.tokens))
+            drafts += paid_drafts
         out = {}
-        for r, d in zip(reqs, drafts, strict=True):
+        self._free_draft.update({r.seq_id: True for r in free} | {r.seq_id: False for r in paid})
+        for r, d in zip(free + paid, drafts, strict=True):
             toks = d.tokens[: r.num_tokens]
             out[r.seq_id] = toks
             self._draft_probs[r.seq_id] = d.probs[: len(toks)] if d.probs is not None and toks else None
@@ -149,7 +170,7 @@ class SpecDecoder:
                 del self._shadows[seq.seq_id]
                 pending = None
             decoding = s.num_new_tokens == 1 and s.num_spec_slots == 0 and seq.output_ids
-            if pending is None and decoding and self.controller.is_off_for_acceptance(seq.seq_id):
+            if pending is None and decoding and self.controller.is_off_for_acceptance(self._key(seq.seq_id, True)):
                 requests.append(DraftRequest(seq.seq_id, seq.tokens, self.max_k, seq.params))
         if requests:
             for r, d in zip(requests, self.proposer.propose(requests), strict=True):
@@ -164,7 +185,7 @@ class SpecDecoder:
             matched += 1
         if matched == len(actual) and len(actual) < len(draft):
             return False  # all matched so far; the rest is not decoded yet
-        self.controller.record_shadow(seq.seq_id, len(draft), matched)
+        self.controller.record_shadow(self._key(seq.seq_id, True), len(draft), matched)
         return True
 
     # -------------------------------------------------------------- verification
@@ -189,7 +210,8 @@ class SpecDecoder:
                 seq.spec_drafted += len(draft)
                 seq.spec_accepted += res.num_accepted
                 seq.spec_steps += 1
-                self.controller.record(seq.seq_id, len(draft), res.num_accepted)
+                self.controller.record(self._key(seq.seq_id, self._free_draft.pop(seq.seq_id, False)), len(draft),
+                                       res.num_accepted)
                 self.proposer.on_verified(seq.seq_id, res.num_accepted)
         return out
 
@@ -214,7 +236,10 @@ class SpecDecoder:
         self._draft_probs.pop(seq.seq_id, None)
         self._shadows.pop(seq.seq_id, None)
         self.proposer.release(seq.seq_id)
-        self.controller.release(seq.seq_id)
+        self._free_draft.pop(seq.seq_id, None)
+        for free in (True, False):
+            self.controller.release(self._key(seq.seq_id, free))
 
     def stats(self) -> dict:
-        return {"method": self.method, **self.controller.stats()}
+        sources = {k: getattr(self.proposer, k) for k in ("lookup_drafts", "model_drafts") if hasattr(self.proposer, k)}
+        return {"method": self.method, **self.controller.stats(), **sources}
