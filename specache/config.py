@@ -10,6 +10,8 @@ import torch
 from specache.errors import ConfigError
 from specache.kv.sizing import parse_bytes
 
+MAX_SPEC_TOKENS = 16  # the most draft tokens per step
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -108,5 +110,5 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise ConfigError(f"max_model_len must be > 1, got {self.max_model_len}")
-        if not 0 <= self.num_spec_tokens <= 16:
-            raise ConfigError(f"num_spec_tokens must be in [0, 16], got {self.num_spec_tokens}")
+        if not 0 <= self.num_spec_tokens <= MAX_SPEC_TOKENS:
+            raise ConfigError(f"num_spec_tokens must be in [0, {MAX_SPEC_TOKENS}], got {self.num_spec_tokens}")

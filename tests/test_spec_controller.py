@@ -166,9 +166,22 @@ def test_draft_cost_is_per_pass_and_per_batch_size():
     assert c.draft_pass_ms(1) == pytest.approx(10.0 * c._pass_ms(1) / c._pass_ms(2))
     assert c.draft_pass_ms(64) == pytest.approx(10.0 * 30 / c._pass_ms(2))
     assert c.step_ms(4, 2) == pytest.approx(c.step_ms(0, 2 * 5) + 40.0, rel=0.05)
-    c.record_draft_time(seconds=0.009, num_passes=1, batch_size=1)
-    assert c.draft_pass_ms(1) == pytest.approx(9.0)
+    carried = c.draft_pass_ms(1)
+    c.record_draft_time(seconds=0.009, num_passes=1, batch_size=1)  # a first sample at size 1 ...
+    assert c.draft_pass_ms(1) == pytest.approx(0.8 * carried + 0.2 * 9.0)  # ... blends into the estimate
     assert c.draft_pass_ms(2) == pytest.approx(10.0)
+
+
+def test_one_slow_first_sample_at_a_new_batch_size_does_not_switch_that_size_off():
+    """The step where a request joins changes the batch size and can be slow (a draft model's
+    prompt catch-up): taken whole, that sample would price the size out for good."""
+    c = SpecController(max_k=4)
+    c.calibrate(MEMORY_BOUND)
+    for _ in range(5):
+        c.record_draft_time(seconds=0.002, num_passes=1, batch_size=1)
+    c.record_draft_time(seconds=0.020, num_passes=1, batch_size=2)  # 10x the usual pass
+    assert c.draft_pass_ms(2) < 0.3 * 20
+    assert c.best_k(0.9, 2) > 0  # taken whole, 20 ms per pass would have priced batch 2 out
 
 
 def test_alpha_estimate_is_per_token_acceptance_not_accepted_over_drafted():

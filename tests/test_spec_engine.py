@@ -38,6 +38,8 @@ def test_greedy_speculative_equals_plain_greedy(tiny_model_dir, draft_dir, plain
     outs = llm.generate(_prompts(), GREEDY)
     assert [o.token_ids for o in outs] == plain_outputs
     assert llm.engine.pool.all_free()
+    spec_state = llm.engine.spec  # finished sequences leave no per-sequence state behind
+    assert not spec_state.controller.seqs and not spec_state._shadows and not spec_state._free_draft
     if method != "auto":  # the adaptive controller may rightly decline to draft for a random model
         assert llm.engine.spec.stats()["draft_tokens"] > 0
 
@@ -89,6 +91,37 @@ def test_shadow_drafts_settle_against_the_decoded_tokens(tiny_model_dir):
     assert spec.controller.stats()["shadow_drafts"] == 2 and spec.controller.stats()["drafts"] == 0
 
 
+def test_a_switched_off_lookup_sequence_drafts_in_the_shadow(tiny_model_dir):
+    """While prompt lookup is off for a sequence, each step makes a shadow draft (never verified)
+    and settles it against the decoded tokens, as acceptance evidence for the controller."""
+    from types import SimpleNamespace
+
+    from specache.engine.scheduler import ScheduledSeq
+    from specache.engine.sequence import Sequence
+    from specache.spec.controller import _SeqState
+
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="ngram", num_spec_tokens=4)
+    spec = llm.engine.spec
+    seq = Sequence(3, "r", 0, [1, 2, 3, 4, 1, 2], GREEDY)
+    seq.append(3)
+    spec.controller.seqs[(3, True)] = _SeqState(off=True)
+    step = SimpleNamespace(scheduled=[ScheduledSeq(seq, 1, 0)])
+    spec._shadow_drafts(step)
+    assert spec._shadows[3] == (7, [4, 1, 2, 3])  # "1 2 3" was followed by "4 1 2 3"
+    seq.append(4)
+    seq.append(1)
+    spec._shadow_drafts(step)  # matches so far: still pending, nothing recorded
+    assert spec._shadows[3] == (7, [4, 1, 2, 3]) and spec.controller.shadow_drafts == 0
+    seq.append(3)
+    spec._shadow_drafts(step)  # the 3rd token differs (3, not 2): 2 of 4 matched; a new shadow starts
+    assert spec.controller.shadow_drafts == 1
+    assert spec.controller.seqs[(3, True)].successes == pytest.approx(2)
+    assert spec._shadows[3][0] == 10
+    # once the sequence drafts for real again, the pending shadow is dropped (no double count)
+    spec._shadow_drafts(SimpleNamespace(scheduled=[ScheduledSeq(seq, 1, 4)]))
+    assert 3 not in spec._shadows
+
+
 def _first_tokens(llm, n: int, seed0: int) -> list[tuple[int, ...]]:
     prompts = [[1, 2, 3, 1, 2]] * n
     params = [SamplingParams(max_tokens=2, temperature=1.0, seed=seed0 + i, ignore_eos=True) for i in range(n)]
@@ -118,15 +151,27 @@ def small_vocab(tmp_path_factory):
     opts = dict(dtype="float32", max_num_seqs=256, kv_cache_memory="64MiB")
     plain = _first_tokens(LLM(model=str(target), **opts), 2500, 0)
     spec_llm = LLM(model=str(target), speculative=f"draft:{draft}", num_spec_tokens=2, spec_adaptive=False, **opts)
-    return spec_llm, plain
+    return spec_llm, plain, target, opts
 
 
 def test_speculative_sampling_matches_plain_sampling_distribution(small_vocab):
     """Two-token prefixes: plain sampling vs draft-model speculation with rejection sampling."""
-    spec_llm, plain = small_vocab
+    spec_llm, plain, _, _ = small_vocab
     spec = _first_tokens(spec_llm, 2500, 100_000)
     assert spec_llm.engine.spec.stats()["draft_tokens"] > 0
     assert _chi2_two_sample(plain, spec) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["quantized", "auto"])
+def test_self_drafts_in_the_target_cache_keep_the_sampling_distribution(small_vocab, method):
+    """The int8 self-draft writes its K/V into the target's cache; `auto` mixes one-hot lookup
+    drafts with the model's q. Both must leave plain sampling's distribution intact."""
+    _, plain, target, opts = small_vocab
+    spec_llm = LLM(model=str(target), speculative=method, num_spec_tokens=2, spec_adaptive=False, **opts)
+    spec = _first_tokens(spec_llm, 2500, 300_000)
+    assert spec_llm.engine.spec.stats()["draft_tokens"] > 0
+    assert _chi2_two_sample(plain, spec) > 1e-3
+    assert spec_llm.engine.pool.all_free()
 
 
 def test_a_broken_verifier_fails_the_same_check(small_vocab, monkeypatch):
@@ -138,6 +183,6 @@ def test_a_broken_verifier_fails_the_same_check(small_vocab, monkeypatch):
         return [VerifyResult(list(d) + [int(torch.multinomial(p[len(d)].cpu(), 1, generator=g))], len(d))
                 for d, p, g in zip(drafts, target_probs, generators, strict=True)]
 
-    spec_llm, plain = small_vocab
+    spec_llm, plain, _, _ = small_vocab
     monkeypatch.setattr(decoder, "verify", accept_all)
     assert _chi2_two_sample(plain, _first_tokens(spec_llm, 2500, 200_000)) < 1e-6

@@ -7,15 +7,16 @@ the int8 model per drafted token and is accepted ~95% of the time on any text (b
 1.15-1.6x on every task, 3-4x for lookup on copy tasks). A lookup hit only counts when at least
 `min_match` tokens match: single-token matches are guesses, and there the model drafts better.
 The controller is told which source a sequence's next draft comes from (`drafts_free_for`), so it
-sizes K for a free lookup draft or for a paid model draft.
+sizes K for a free lookup draft or for a paid model draft; while a sequence's lookup hits are not
+being accepted, it drafts with the model (`fall_back`) and the decoder keeps checking the lookup
+hits in the shadow, so lookup comes back when the text turns into a copy.
 """
 
 from __future__ import annotations
 
+from specache.config import MAX_SPEC_TOKENS
 from specache.spec.base import Draft, DraftRequest, Proposer
 from specache.spec.ngram import NgramProposer
-
-_LOOKUP_TOKENS = 16  # the longest K the engine allows; requests take the first num_tokens
 
 
 class AutoProposer(Proposer):
@@ -27,24 +28,35 @@ class AutoProposer(Proposer):
         # seq_id -> (token count it was looked up at, the lookup's tokens): scheduling asks which
         # source a sequence will use, drafting then reuses the answer
         self._hits: dict[int, tuple[int, list[int]]] = {}
+        # seq_id -> token count at which its lookup hits stopped paying: the model drafts it at
+        # that length (the mark expires by itself once the sequence grows)
+        self._model_at: dict[int, int] = {}
         self.lookup_drafts = 0  # drafts made by each source (reported in the decoder's stats)
         self.model_drafts = 0
 
     def _lookup(self, seq_id: int, token_ids: list[int]) -> list[int]:
         cached = self._hits.get(seq_id)
         if cached is None or cached[0] != len(token_ids):
-            draft = self.lookup.propose([DraftRequest(seq_id, token_ids, _LOOKUP_TOKENS, None)])[0]
+            draft = self.lookup.propose([DraftRequest(seq_id, token_ids, MAX_SPEC_TOKENS, None)])[0]
             cached = self._hits[seq_id] = (len(token_ids), draft.tokens)
         return cached[1]
 
     def drafts_free_for(self, seq_id: int, token_ids: list[int]) -> bool:
-        return bool(self._lookup(seq_id, token_ids))
+        return self._model_at.get(seq_id) != len(token_ids) and bool(self._lookup(seq_id, token_ids))
+
+    def fall_back(self, seq_id: int, token_ids: list[int]) -> bool:
+        self._model_at[seq_id] = len(token_ids)
+        return True
+
+    def shadow_draft(self, request: DraftRequest) -> list[int]:
+        return self._lookup(request.seq_id, request.token_ids)[: request.num_tokens]
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         drafts: list[Draft | None] = [None] * len(requests)
         misses = []
         for i, r in enumerate(requests):
-            hit = self._lookup(r.seq_id, r.token_ids)[: r.num_tokens] if r.num_tokens > 0 else []
+            free = r.num_tokens > 0 and self.drafts_free_for(r.seq_id, r.token_ids)
+            hit = self._lookup(r.seq_id, r.token_ids)[: r.num_tokens] if free else []
             if hit or r.num_tokens <= 0:
                 drafts[i] = Draft(hit, None)
                 self.lookup_drafts += bool(hit)
@@ -61,5 +73,6 @@ class AutoProposer(Proposer):
 
     def release(self, seq_id: int) -> None:
         self._hits.pop(seq_id, None)
+        self._model_at.pop(seq_id, None)
         self.lookup.release(seq_id)
         self.model_drafter.release(seq_id)

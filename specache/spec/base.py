@@ -46,6 +46,16 @@ class Proposer(ABC):
         then leaves drafting out of the step's cost, and the decoder does not time it)."""
         return self.free_to_draft
 
+    def shadow_draft(self, request: DraftRequest) -> list[int]:
+        """A free draft to compare with what decoding then produces (only asked of proposers that
+        have free drafts: prompt lookup, or the lookup side of `auto`)."""
+        return self.propose([request])[0].tokens if self.free_to_draft else []
+
+    def fall_back(self, seq_id: int, token_ids: list[int]) -> bool:
+        """Asked when the sequence's free drafts are not paying: draft it this step with a paid
+        source instead if there is one (returns True), else False."""
+        return False
+
     def on_verified(self, seq_id: int, num_accepted: int) -> None:  # noqa: B027 - optional hook
         """Called after verification; model drafters roll their KV back to the accepted prefix."""
 

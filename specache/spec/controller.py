@@ -20,8 +20,8 @@ probe costs what its draft and wider verification cost (measured: 0.2 of a step 
 enough that failed probes spend at most `max_probe_overhead` of decode time, and it doubles after
 each failed probe (up to `max_probe_backoff` times). A new sequence that starts off because of the
 global prior is probed on its first step when probing is cheap. A proposer whose drafts cost
-nothing to make (prompt lookup) needs no probes: while a sequence is off, the decoder keeps
-drafting in the shadow, compares each shadow draft with the tokens plain decoding then produced,
+nothing to make (prompt lookup) need not wait for probes: while a sequence is off, the decoder
+keeps drafting in the shadow, compares each shadow draft with the tokens decoding then produced,
 and feeds that evidence in through `record_shadow`, so drafting resumes as soon as the text turns
 copyable (a copy-heavy request whose first sentence is not a copy used to wait 24+ steps).
 """
@@ -79,6 +79,8 @@ class SpecController:
         self.probe_every = probe_every
         self.probe_k = probe_k
         self.margin = margin  # a K must beat plain decoding by this factor to be chosen
+        if max_probe_overhead <= 0:
+            raise ValueError(f"max_probe_overhead must be > 0, got {max_probe_overhead}")
         self.max_probe_overhead = max_probe_overhead
         self.max_probe_backoff = max_probe_backoff
         self._step_ms: dict[int, float] = {}  # tokens in one target pass -> ms
@@ -128,7 +130,12 @@ class SpecController:
         pass over 1 does (memory-bound), so a cost per drafted token would double-count batches."""
         if num_passes > 0 and batch_size > 0:
             per = seconds * 1000.0 / num_passes
-            old = self._draft_pass_ms.get(batch_size)
+            # A first sample at a new size starts from the estimate carried over from the sizes
+            # measured so far: the step where a request joins (and the size changes) can be slow
+            # (a draft model's prompt catch-up, first-call costs), and a size that looked too dear
+            # to draft at would never be measured again.
+            old = self._draft_pass_ms.get(batch_size) if batch_size in self._draft_pass_ms else \
+                (self.draft_pass_ms(batch_size) or None)
             self._draft_pass_ms[batch_size] = per if old is None else 0.8 * old + 0.2 * per
 
     def draft_pass_ms(self, batch_size: int) -> float:
@@ -141,7 +148,7 @@ class SpecController:
         if batch_size in self._draft_pass_ms:
             return self._draft_pass_ms[batch_size]
         nearest = min(self._draft_pass_ms, key=lambda b: (abs(b - batch_size), b))
-        return self._draft_pass_ms[nearest] * self._pass_ms(batch_size) / self._pass_ms(nearest)
+        return self._draft_pass_ms[nearest] * self.step_ms(0, batch_size) / self.step_ms(0, nearest)
 
     def _pass_ms(self, tokens: int) -> float:
         """Target pass over `tokens` tokens: the measured table, interpolated, linear past its end."""
@@ -201,6 +208,14 @@ class SpecController:
         k = self._choose(st, self.alpha(seq_id), batch_size, free_draft)
         self.chosen_k[k] = self.chosen_k.get(k, 0) + 1
         return k
+
+    def wants_draft(self, seq_id: Hashable, batch_size: int, free_draft: bool = False) -> bool:
+        """Whether the sequence's acceptance makes drafting pay now (no side effects, no probes)."""
+        st = self.seqs.get(seq_id)
+        alpha = self.alpha(seq_id)
+        if st is not None and st.raw_trials >= self.warmup_trials and alpha < self.min_alpha:
+            return False
+        return self.best_k(alpha, batch_size, free_draft) > 0
 
     def is_off_for_acceptance(self, seq_id: Hashable) -> bool:
         """Whether the last decision for the sequence was K=0 because its drafts are bad while good

@@ -114,6 +114,7 @@ class SpecDecoder:
         # seq_id -> whether this step's draft was free: acceptance is tracked per sequence and
         # source, since an `auto` sequence's lookup hits and model drafts fare differently
         self._free_draft: dict[int, bool] = {}
+        self._shadow_wanted: set[int] = set()  # drafted by a paid fallback this step: shadow its lookup
 
     def _key(self, seq_id: int, free: bool) -> tuple[int, bool]:
         """The controller's record for a sequence's drafts from one source (free or paid)."""
@@ -126,21 +127,27 @@ class SpecDecoder:
             return 0
         if not self.engine.config.spec_adaptive:
             return self.max_k
+        batch = len(self.engine.scheduler.running)
         free = self.proposer.drafts_free_for(seq.seq_id, seq.tokens)
-        return self.controller.choose_k(self._key(seq.seq_id, free), len(self.engine.scheduler.running),
-                                        free_draft=free)
+        if free and not self.controller.wants_draft(self._key(seq.seq_id, True), batch, free_draft=True) \
+                and self.proposer.fall_back(seq.seq_id, seq.tokens):
+            free = False  # its free drafts are not accepted: a paid source drafts it this step
+            self._shadow_wanted.add(seq.seq_id)
+        return self.controller.choose_k(self._key(seq.seq_id, free), batch, free_draft=free)
 
     def propose(self, sched: SchedulerOutput) -> dict[int, list[int]]:
-        if self.proposer.free_to_draft:
-            self._shadow_drafts(sched)
+        self._shadow_drafts(sched)
         reqs = [DraftRequest(s.seq.seq_id, s.seq.tokens, s.num_spec_slots, s.seq.params)
                 for s in sched.scheduled if s.num_spec_slots > 0]
         if not reqs:
             return {}
         # Free drafts (lookup hits) and paid ones (model passes) apart: only the paid ones are timed,
-        # so the controller's drafting cost is what a model pass costs.
-        free = [r for r in reqs if self.proposer.drafts_free_for(r.seq_id, r.token_ids)]
-        paid = [r for r in reqs if not self.proposer.drafts_free_for(r.seq_id, r.token_ids)]
+        # so the controller's drafting cost is what a model pass costs. The time is filed under the
+        # number of paid drafters, and looked up under the number of running sequences: the same in
+        # a batch of one source, an over-estimate (fewer rows draft) otherwise.
+        free, paid = [], []
+        for r in reqs:
+            (free if self.proposer.drafts_free_for(r.seq_id, r.token_ids) else paid).append(r)
         drafts = self.proposer.propose(free) if free else []
         if paid:
             t0 = time.perf_counter()
@@ -157,25 +164,30 @@ class SpecDecoder:
         return out
 
     def _shadow_drafts(self, sched: SchedulerOutput) -> None:
-        """For sequences switched off for their acceptance: settle the pending shadow draft against
-        the tokens decoding produced since, and draft a new one (never verified, free to make).
-        A shadow draft token matches the decoded token with the probability that verification would
-        have accepted it (greedy: argmax equality; sampling with one-hot q: p(x)), so it is the same
-        evidence a real draft gives."""
-        requests = []
+        """For sequences whose free drafts are not paying (switched off, or drafted by `auto`'s model
+        instead): settle the pending shadow draft against the tokens decoding produced since, and
+        make a new free one that is never verified. A shadow draft token matches the decoded token
+        with the probability that verification would have accepted it (greedy: argmax equality;
+        sampling with one-hot q: p(x)), so it is the same evidence a real draft gives."""
+        wanted, self._shadow_wanted = self._shadow_wanted, set()
+        if not self.proposer.free_to_draft and not wanted:
+            return
         for s in sched.scheduled:
             seq = s.seq
             pending = self._shadows.get(seq.seq_id)
             if pending is not None and self._settle_shadow(seq, *pending):
                 del self._shadows[seq.seq_id]
                 pending = None
-            decoding = s.num_new_tokens == 1 and s.num_spec_slots == 0 and seq.output_ids
-            if pending is None and decoding and self.controller.is_off_for_acceptance(self._key(seq.seq_id, True)):
-                requests.append(DraftRequest(seq.seq_id, seq.tokens, self.max_k, seq.params))
-        if requests:
-            for r, d in zip(requests, self.proposer.propose(requests), strict=True):
-                if d.tokens:
-                    self._shadows[r.seq_id] = (len(r.token_ids), list(d.tokens))
+            free_drafting = s.num_spec_slots > 0 and seq.seq_id not in wanted
+            if pending is not None and free_drafting:
+                del self._shadows[seq.seq_id]  # its real drafts report from now on: no double count
+                continue
+            off = seq.seq_id in wanted or (self.proposer.free_to_draft and s.num_spec_slots == 0
+                                           and self.controller.is_off_for_acceptance(self._key(seq.seq_id, True)))
+            if pending is None and off and s.num_new_tokens == 1 and seq.output_ids:
+                draft = self.proposer.shadow_draft(DraftRequest(seq.seq_id, seq.tokens, self.max_k, seq.params))
+                if draft:
+                    self._shadows[seq.seq_id] = (len(seq.tokens), list(draft))
 
     def _settle_shadow(self, seq: Sequence, start: int, draft: list[int]) -> bool:
         """Record the shadow draft once its outcome is known (a mismatch, or every token matched)."""

@@ -72,6 +72,7 @@ class _History:
 
 class NgramProposer(Proposer):
     free_to_draft = True
+
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1, name: str = "ngram",
                  extend_periodic: bool = True) -> None:
         if not 1 <= min_ngram <= max_ngram:
