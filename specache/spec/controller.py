@@ -10,8 +10,11 @@ Cost. With per-token acceptance alpha a K-token draft yields (1 - alpha^(K+1)) /
 tokens per step. The step costs one target pass over B * (K + 1) tokens (a batch of B sequences,
 each verifying [last, K drafts]) plus drafting, against one pass over B tokens for plain decoding.
 `calibrate` takes the target's measured pass times; the drafter's time comes from `draft_ms` or
-from `record_draft_time` measurements. K is the value that maximises tokens per unit time; 0 when
-no K beats plain decoding by `margin`, or when alpha fell below `min_alpha` after warm-up.
+from `record_draft_time` measurements (per drafting pass and batch size); a draft flagged
+`free_draft` (a prompt-lookup hit) adds nothing. K is the value that maximises tokens per unit
+time; 0 when no K beats plain decoding by `margin`, or when alpha fell below `min_alpha` after
+warm-up. Records are kept per key: the decoder uses (sequence, free or paid source), because an
+`auto` sequence's lookup hits and model drafts are accepted at different rates.
 
 Recovery. A sequence switched off because of its acceptance (not because of cost) is probed
 with a short draft now and then, so it comes back when the text becomes predictable. A failed
