@@ -137,8 +137,7 @@ class SpecController:
             # measured so far: the step where a request joins (and the size changes) can be slow
             # (a draft model's prompt catch-up, first-call costs), and a size that looked too dear
             # to draft at would never be measured again.
-            old = self._draft_pass_ms.get(batch_size) if batch_size in self._draft_pass_ms else \
-                (self.draft_pass_ms(batch_size) or None)
+            old = self.draft_pass_ms(batch_size) or None  # the stored value, else the carried estimate
             self._draft_pass_ms[batch_size] = per if old is None else 0.8 * old + 0.2 * per
 
     def draft_pass_ms(self, batch_size: int) -> float:
@@ -214,11 +213,14 @@ class SpecController:
 
     def wants_draft(self, seq_id: Hashable, batch_size: int, free_draft: bool = False) -> bool:
         """Whether the sequence's acceptance makes drafting pay now (no side effects, no probes)."""
-        st = self.seqs.get(seq_id)
         alpha = self.alpha(seq_id)
-        if st is not None and st.raw_trials >= self.warmup_trials and alpha < self.min_alpha:
+        if self._low_acceptance(self.seqs.get(seq_id), alpha):
             return False
         return self.best_k(alpha, batch_size, free_draft) > 0
+
+    def _low_acceptance(self, st: _SeqState | None, alpha: float) -> bool:
+        """Past warm-up and below min_alpha: drafting is off until the evidence changes."""
+        return st is not None and st.raw_trials >= self.warmup_trials and alpha < self.min_alpha
 
     def is_off_for_acceptance(self, seq_id: Hashable) -> bool:
         """Whether the last decision for the sequence was K=0 because its drafts are bad while good
@@ -230,7 +232,7 @@ class SpecController:
         st.probing = st.off = False
         if self.max_k <= 0:
             return 0
-        low = st.raw_trials >= self.warmup_trials and alpha < self.min_alpha
+        low = self._low_acceptance(st, alpha)
         k = 0 if low else self.best_k(alpha, batch_size, free_draft)
         # Off because drafts are bad, while good drafts would pay: probe now and then, and at once
         # for a sequence with no record of its own when a probe is cheap (the global prior came
