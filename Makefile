@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 # Converts once into ~/.cache/specache (or $$SPECACHE_HOME); a second run only checks the fingerprint.
 model: $(STAMP)
 	.venv/bin/specache convert --default
+	.venv/bin/specache build-kernels --optional
 
 run: model
 	.venv/bin/specache serve --host 127.0.0.1 --port 8000

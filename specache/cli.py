@@ -126,6 +126,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    """Compile the native CPU kernels now (otherwise the first model load does it)."""
+    from rich.console import Console
+
+    from specache import kernels
+
+    console = Console(stderr=True, soft_wrap=True)
+    with console.status("building specache's native CPU kernels (once per machine, ~40 s)"):
+        module = kernels.load()
+    if module is None:
+        console.print("native kernels unavailable: specache runs on PyTorch's kernels (slower decode)")
+        return 0 if args.optional else 1
+    console.print(f"native kernels ready: {module.__file__}")
+    return 0
+
+
 def cmd_kv_size(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -174,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--default", action="store_true", help="convert the default model (SmolLM2-135M-Instruct)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("build-kernels", help="compile the native CPU kernels (int8 GEMV, paged attention)")
+    p.add_argument("--optional", action="store_true", help="exit 0 when they cannot be built here")
+    p.set_defaults(func=cmd_build_kernels)
 
     p = sub.add_parser("kv-size", help="KV cache memory calculator")
     p.add_argument("--model", default=None)

@@ -24,6 +24,14 @@ class KVCache:
         self._k_slots[layer].index_copy_(0, slots, k.to(self.k.dtype))
         self._v_slots[layer].index_copy_(0, slots, v.to(self.v.dtype))
 
+    def slot_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every layer as flat slot arrays [L, slots, kv_heads, head_dim] (views)."""
+        return self._k_slots, self._v_slots
+
+    def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys and values as flat slot arrays [slots, kv_heads, head_dim] (views)."""
+        return self._k_slots[layer], self._v_slots[layer]
+
     def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, NB] block ids -> keys and values [B, NB * block_size, kv_heads, head_dim]."""
         b, nb = block_tables.shape

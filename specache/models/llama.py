@@ -7,6 +7,7 @@ pre-transposed, because ``x @ W_t`` reads weights about twice as fast as ``F.lin
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from specache import kernels
 from specache.kv.cache import KVCache
 from specache.models.config import ModelConfig
 
@@ -42,8 +44,28 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat slot index for each new token
     seqs: list[SeqAttention]
 
+    @functools.cached_property
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The native kernels' view: [B, 4] rows of (q_start, q_len, kv_len, offset into slots) and
+        every sequence's slots concatenated. Built once per step, shared by all layers."""
+        info, slots, offset = [], [], 0
+        for sa in self.seqs:
+            seq_slots = torch.arange(sa.slots.start, sa.slots.stop) if isinstance(sa.slots, slice) else sa.slots
+            info.append((sa.q_start, sa.q_len, len(seq_slots), offset))
+            slots.append(seq_slots)
+            offset += len(seq_slots)
+        return torch.tensor(info, dtype=torch.long), torch.cat(slots).to(torch.long)
+
+    @property
+    def max_q_len(self) -> int:
+        return max(sa.q_len for sa in self.seqs)
+
 
 WEIGHT_FORMATS = ("dense", "int8", "hybrid")
+NATIVE_KV_DTYPES = (torch.float32, torch.bfloat16)  # what the native attention reads
+# Above this many new tokens per sequence (prefill chunks) SDPA's blocked kernel beats the native
+# one, which computes each query row on its own.
+NATIVE_ATTENTION_MAX_Q = 32
 # Before calibration: measured on 2-core AVX2 and AVX512-BF16 CPUs, int8 wins up to ~8 rows.
 HYBRID_INT8_MAX_ROWS = 8
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
@@ -55,15 +77,15 @@ class Projection:
     dense: W in the model dtype; fp32 pre-transposed [in, out] (``x @ W_t`` reads ~2x faster than
       F.linear on CPU), bf16 as [out, in] for F.linear (on AVX2 CPUs a bf16 ``x @ W_t`` takes a
       slow path: 170 ms instead of 3 ms for the LM head).
-    int8: weight-only int8, one scale per output row, PyTorch's CPU int8-weight kernel. It takes
-      bf16 activations (fp32 ones are 5-10x slower), so x is cast around the call and the rest of
-      the model keeps its dtype: 2-3x faster than fp32 for 1-8 rows, slower for big batches.
+    int8: weight-only int8, one scale per output row: specache's native kernel (fp32 activations)
+      where it is built, else PyTorch's CPU int8-weight kernel, which takes bf16 activations (fp32
+      ones are 5-10x slower). 2-3x faster than fp32 for 1-8 rows, slower for big batches.
     hybrid: both copies; int8 up to ``int8_max_rows`` rows (decode), dense above (prefill). The
       switch point depends on the CPU (8 rows with AVX512-BF16, 16-64 on AVX2), so
       `calibrate_int8_max_rows` measures it when the model loads.
     """
 
-    __slots__ = ("dense", "dense_t", "q", "scales", "int8_max_rows")
+    __slots__ = ("dense", "dense_t", "q", "scales", "scales_f32", "native", "int8_max_rows")
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device, weight_format: str = "dense") -> None:
         weight = weight.to(device, torch.float32)
@@ -73,12 +95,14 @@ class Projection:
                 self.dense_t = weight.t().contiguous()
             else:
                 self.dense = weight.to(dtype).contiguous()
-        self.q = self.scales = None
+        self.q = self.scales = self.scales_f32 = self.native = None
         self.int8_max_rows = HYBRID_INT8_MAX_ROWS
         if weight_format in ("int8", "hybrid"):
             scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
             self.q = (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
             self.scales = scales.to(torch.bfloat16)
+            self.scales_f32 = scales.contiguous()
+            self.native = kernels.load() if self.q.device.type == "cpu" else None
             if weight_format == "int8":
                 self.int8_max_rows = 1 << 62
 
@@ -88,6 +112,8 @@ class Projection:
         return self.dense_mm(x)
 
     def int8(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.int8_linear(x, self.q, self.scales_f32)
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -95,24 +121,33 @@ class Projection:
         return x @ self.dense_t if self.dense_t is not None else F.linear(x, self.dense)
 
 
-def _median_seconds(fn, x: torch.Tensor, repeats: int = 5) -> float:
-    fn(x)  # warm-up: first calls pack weights / allocate
+def _median_seconds(fn, repeats: int = 5) -> float:
+    fn()  # warm-up: first calls pack weights / allocate
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn(x)
+        fn()
         times.append(time.perf_counter() - start)
     return sorted(times)[repeats // 2]  # the median resists a busy neighbour better than the mean
 
 
+def _over_layers(method, column: list[Projection], x: torch.Tensor):
+    return lambda: [method(proj, x) for proj in column]
+
+
 @torch.inference_mode()
-def calibrate_int8_max_rows(proj: Projection, dtype: torch.dtype, device) -> int:
+def calibrate_int8_max_rows(column: list[Projection], dtype: torch.dtype, device) -> int:
     """The largest row count (of CALIBRATION_ROWS) up to which the int8 kernel is at least as fast
-    as the dense GEMM on this machine; a few ms at load, once per projection shape."""
+    as the dense GEMM on this machine, for one projection shape; a few ms at load.
+
+    It times one pass over every layer's copy (``column``), as a forward pass reads them: timing
+    one copy over and over measures weights hot in cache, where dense bf16 looks ~2x faster than
+    it is when a step streams the whole model from memory."""
     best = 0
     for rows in CALIBRATION_ROWS:
-        x = torch.randn(rows, proj.q.shape[1], dtype=dtype, device=device)
-        if _median_seconds(proj.int8, x) > _median_seconds(proj.dense_mm, x):
+        x = torch.randn(rows, column[0].q.shape[1], dtype=dtype, device=device)
+        if _median_seconds(_over_layers(Projection.int8, column, x)) > \
+                _median_seconds(_over_layers(Projection.dense_mm, column, x)):
             break
         best = rows
     return best
@@ -184,16 +219,39 @@ class LlamaModel:
         self.signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
         if weight_format == "hybrid" and self.device.type == "cpu":
             self._calibrate_hybrid()
+        self.native = kernels.load() if self.device.type == "cpu" else None
+        self.fused = self._fused_decoder() if weight_format != "dense" else None
+
+    def _fused_decoder(self):
+        """The native whole-step decoder over the int8 weights (None without the native kernels)."""
+        if self.native is None:
+            return None
+        none = torch.empty(0)
+        return self.native.FusedDecoder(
+            [[lw.attn_norm, lw.ffn_norm, lw.bqkv if lw.bqkv is not None else none,
+              lw.qkv.q, lw.qkv.scales_f32, lw.o.q, lw.o.scales_f32, lw.gate_up.q, lw.gate_up.scales_f32,
+              lw.down.q, lw.down.scales_f32] for lw in self.layers],
+            self.config.num_heads, self.config.num_kv_heads, self.config.head_dim, self.config.rms_norm_eps)
+
+    @property
+    def fused_max_rows(self) -> int:
+        """Up to how many tokens a step takes the fused int8 path (where every projection is int8)."""
+        lw = self.layers[0]
+        return min(lw.qkv.int8_max_rows, lw.o.int8_max_rows, lw.gate_up.int8_max_rows, lw.down.int8_max_rows)
+
+    def _native_attention_fits(self, meta: AttentionMetadata, cache: KVCache) -> bool:
+        return (self.native is not None and cache.k.dtype in NATIVE_KV_DTYPES
+                and meta.max_q_len <= NATIVE_ATTENTION_MAX_Q)
 
     def _calibrate_hybrid(self) -> None:
         """Measure where int8 stops paying, once per projection shape (every layer shares them)."""
         columns = list(zip(*[(lw.qkv, lw.o, lw.gate_up, lw.down) for lw in self.layers], strict=True))
         for name, column in zip(("qkv", "o", "gate_up", "down"), columns, strict=True):
-            rows = calibrate_int8_max_rows(column[0], self.dtype, self.device)
+            rows = calibrate_int8_max_rows(list(column), self.dtype, self.device)
             for proj in column:
                 proj.int8_max_rows = rows
             log.info("hybrid weights: %s uses int8 up to %d rows", name, rows)
-        self.lm_head.int8_max_rows = calibrate_int8_max_rows(self.lm_head, self.dtype, self.device)
+        self.lm_head.int8_max_rows = calibrate_int8_max_rows([self.lm_head], self.dtype, self.device)
         log.info("hybrid weights: lm_head uses int8 up to %d rows", self.lm_head.int8_max_rows)
 
     @property
@@ -211,6 +269,11 @@ class LlamaModel:
         qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, nh + nkv, hd), cos, sin)
         q, k = qk[:, :nh], qk[:, nh:]
         cache.write(layer, meta.slot_mapping, k, qkv[:, self.q_size + self.kv_size:].view(t, nkv, hd))
+        if self._native_attention_fits(meta, cache):
+            # One call for every sequence, reading K/V in place (no gather, no per-sequence SDPA).
+            info, slots = meta.kernel_args
+            out = self.native.paged_attention(q, *cache.layer_slots(layer), info, slots, hd ** -0.5)
+            return lw.o(out.reshape(t, self.q_size))
         gqa = c.num_heads != c.num_kv_heads
         # Heads first once for the whole batch ([1, nh, T, hd]); each sequence takes a view of it.
         # Attention runs in the cache's dtype (fp32 on CPUs whose bf16 attention is slow).
@@ -230,6 +293,11 @@ class LlamaModel:
         """Run the first ``num_layers`` layers (all by default); returns the residual stream [T, H]."""
         eps = self.config.rms_norm_eps
         hidden = self.embed[input_ids]
+        if (self.fused is not None and input_ids.shape[0] <= self.fused_max_rows
+                and self._native_attention_fits(meta, cache)):
+            info, slots = meta.kernel_args
+            return self.fused.forward(hidden, *cache.slot_views(), self.cos[positions], self.signed_sin[positions],
+                                      meta.slot_mapping, info, slots, num_layers or self.num_layers)
         cos = self.cos[positions].unsqueeze(1).to(self.dtype)
         sin = self.signed_sin[positions].unsqueeze(1).to(self.dtype)
         shape = (hidden.shape[-1],)

@@ -1,0 +1,65 @@
+"""Native CPU kernels for decode (int8 weight GEMV, batched paged attention), built on first use.
+
+The extension is compiled once per machine and Python environment with ``-march=native`` (into
+``<venv>/var/specache-kernels``); later processes load the built library in milliseconds. Where no
+compiler is available the model keeps PyTorch's own kernels (``available()`` is False) and says so
+once in the log: the kernels are a speed-up, never a requirement.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+DISABLE_ENV = "SPECACHE_NO_KERNELS"  # set to 1 to run on PyTorch's kernels only (A/B, debugging)
+BUILD_DIR_ENV = "SPECACHE_KERNELS_DIR"  # where the build goes (default: inside the Python environment)
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU's feature flags, hashed: a -march=native build must not be loaded on another CPU."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor() or platform.machine()
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+def _build_dir() -> Path:
+    # Inside the Python environment, not $SPECACHE_HOME: tests and servers that each get their own
+    # SPECACHE_HOME must not rebuild (~40 s each), and `make clean` removes the build with the venv.
+    root = Path(os.environ.get(BUILD_DIR_ENV) or Path(sys.prefix) / "var" / "specache-kernels")
+    path = root / f"torch-{torch.__version__.split('+')[0]}-cpu-{_cpu_fingerprint()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled extension, or None when it is disabled or cannot be built here."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None
+    from torch.utils import cpp_extension
+
+    try:
+        return cpp_extension.load(
+            name="specache_cpu_kernels", sources=[str(SOURCE)], build_directory=str(_build_dir()),
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+            extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler / ninja, or a build error: fall back to PyTorch
+        log.warning("native CPU kernels unavailable (%s); using PyTorch kernels", str(e).splitlines()[0][:200])
+        return None
+
+
+def available() -> bool:
+    return load() is not None

@@ -1,0 +1,141 @@
+"""The native CPU kernels against PyTorch references: int8 GEMV, paged attention, the fused step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_model_parity import _prefill_then_decode
+
+from specache import kernels
+from specache.models.llama import AttentionMetadata, LlamaModel, SeqAttention
+from specache.models.loader import load_model
+
+
+@pytest.fixture(scope="module")
+def native():
+    module = kernels.load()
+    assert module is not None, "the native kernels must build here (gcc and ninja are installed by make)"
+    return module
+
+
+def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = w.abs().amax(dim=1) / 127.0
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
+@pytest.mark.parametrize("n,k", [(64, 64), (37, 577), (960, 576), (8, 15)])
+def test_int8_linear_matches_float64(native, rows, n, k):
+    torch.manual_seed(rows * 1000 + n + k)
+    q, scale = _quantize(torch.randn(n, k))
+    x = torch.randn(rows, k)
+    expected = x.double() @ (q.double() * scale.double()[:, None]).t()
+    got = native.int8_linear(x, q, scale)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    got_bf16 = native.int8_linear(x.bfloat16(), q, scale)  # bf16 in, bf16 out, fp32 inside
+    assert got_bf16.dtype == torch.bfloat16
+    expected_bf16 = x.bfloat16().double() @ (q.double() * scale.double()[:, None]).t()
+    torch.testing.assert_close(got_bf16.double(), expected_bf16, rtol=1e-2, atol=2e-2)
+
+
+def test_int8_linear_rows_do_not_depend_on_the_batch(native):
+    """Each row is summed in the same order whatever the batch, so verifying K drafts in one pass
+    gives bit-for-bit the logits of decoding them one at a time (greedy spec == plain)."""
+    q, scale = _quantize(torch.randn(300, 576))
+    x = torch.randn(7, 576)
+    together = native.int8_linear(x, q, scale)
+    for i in range(7):
+        assert torch.equal(native.int8_linear(x[i: i + 1], q, scale)[0], together[i])
+
+
+def test_int8_linear_rejects_bad_shapes(native):
+    q, scale = _quantize(torch.randn(16, 32))
+    with pytest.raises(RuntimeError, match="shapes"):
+        native.int8_linear(torch.randn(2, 31), q, scale)
+    with pytest.raises(RuntimeError, match="dtypes"):
+        native.int8_linear(torch.randn(2, 32), q.float(), scale)
+
+
+def _reference_attention(q, k_slots, v_slots, seqs):
+    """SDPA per sequence over gathered slots, causal with an offset (what the model did before)."""
+    nh, nkv = q.shape[1], k_slots.shape[1]
+    out = torch.empty_like(q, dtype=torch.float32)
+    for q_start, q_len, slots in seqs:
+        kv_len = len(slots)
+        keys = k_slots[slots].float().transpose(0, 1).repeat_interleave(nh // nkv, 0)
+        values = v_slots[slots].float().transpose(0, 1).repeat_interleave(nh // nkv, 0)
+        mask = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - q_len, kv_len)[:, None]
+        queries = q[q_start: q_start + q_len].float().transpose(0, 1)
+        out[q_start: q_start + q_len] = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_matches_sdpa_on_a_mixed_batch(native, cache_dtype):
+    torch.manual_seed(1)
+    nh, nkv, d, num_slots = 6, 2, 40, 512
+    k_slots = torch.randn(num_slots, nkv, d).to(cache_dtype)
+    v_slots = torch.randn(num_slots, nkv, d).to(cache_dtype)
+    perm = torch.randperm(num_slots)
+    # (q_len, kv_len): decode, verification of drafts, a chunk after a prefix, a whole short prompt
+    shapes = [(1, 1), (1, 130), (5, 77), (12, 200), (3, 3)]
+    seqs, offset, used = [], 0, 0
+    for q_len, kv_len in shapes:
+        seqs.append((offset, q_len, perm[used: used + kv_len]))  # scattered, non-contiguous slots
+        offset += q_len
+        used += kv_len
+    q = torch.randn(offset, nh, d)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(offset, dtype=torch.long),
+                             seqs=[SeqAttention(s, n, slots, None) for s, n, slots in seqs])
+    info, slots = meta.kernel_args
+    got = native.paged_attention(q, k_slots, v_slots, info, slots, d ** -0.5)
+    torch.testing.assert_close(got, _reference_attention(q, k_slots, v_slots, seqs), rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_args_cover_contiguous_and_scattered_slots():
+    meta = AttentionMetadata(slot_mapping=torch.tensor([5, 9]),
+                             seqs=[SeqAttention(0, 1, slice(16, 22), None),
+                                   SeqAttention(1, 1, torch.tensor([40, 41, 8, 9]), None)])
+    info, slots = meta.kernel_args
+    assert info.tolist() == [[0, 1, 6, 0], [1, 1, 4, 6]]
+    assert slots.tolist() == [16, 17, 18, 19, 20, 21, 40, 41, 8, 9]
+
+
+def _decode_logits(model: LlamaModel, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    """Prefill (dense path: > 8 rows) then greedy single-token steps (the fused path when it is there)."""
+    return _prefill_then_decode(model, prompt, steps)[0]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen2_dir"])  # qwen2: qkv bias
+def test_fused_int8_step_matches_the_op_by_op_int8_model(native, fixture, request):
+    loaded = load_model(str(request.getfixturevalue(fixture)))
+    prompt = torch.randint(0, 49152, (20,), generator=torch.Generator().manual_seed(5)).tolist()
+    fused_model = LlamaModel(loaded.config, loaded.weights, weight_format="int8")
+    assert fused_model.fused is not None
+    op_by_op = LlamaModel(loaded.config, loaded.weights, weight_format="int8")
+    op_by_op.fused = None  # same int8 weights, one PyTorch op (and native GEMV) at a time
+    fused_rows = _decode_logits(fused_model, prompt, 12)
+    reference = _decode_logits(op_by_op, prompt, 12)
+    for got, want in zip(fused_rows, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_without_native_kernels_the_model_falls_back_to_pytorch(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    kernels.load.cache_clear()
+    try:
+        assert kernels.load() is None
+        loaded = load_model(str(tiny_model_dir))
+        model = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
+        assert model.fused is None and model.native is None
+        prompt = list(range(100, 120))
+        fallback = _decode_logits(model, prompt, 4)
+    finally:
+        monkeypatch.delenv(kernels.DISABLE_ENV)
+        kernels.load.cache_clear()
+    native_rows = _decode_logits(LlamaModel(loaded.config, loaded.weights, weight_format="hybrid"), prompt, 4)
+    for got, want in zip(native_rows, fallback, strict=True):  # bf16 activations in the fallback's int8 kernel
+        assert (got - want).abs().max().item() < 0.02 * (want.max() - want.min()).item()
