@@ -23,7 +23,7 @@ model: $(STAMP)
 	.venv/bin/specache build-kernels --optional
 
 run: model
-	.venv/bin/specache serve --host 127.0.0.1 --port 8000
+	.venv/bin/specache serve --host 127.0.0.1 --port 8000 --weight-format hybrid
 
 test: model
 	$(PY) -m pytest -q -x --timeout=900

@@ -139,3 +139,26 @@ def test_without_native_kernels_the_model_falls_back_to_pytorch(tiny_model_dir, 
     native_rows = _decode_logits(LlamaModel(loaded.config, loaded.weights, weight_format="hybrid"), prompt, 4)
     for got, want in zip(native_rows, fallback, strict=True):  # bf16 activations in the fallback's int8 kernel
         assert (got - want).abs().max().item() < 0.02 * (want.max() - want.min()).item()
+
+
+def test_amx_path_matches_bf16_activations_and_is_batch_invariant(native):
+    """From 5 rows the packed (AMX) path multiplies bf16-rounded activations; below it the AVX-512
+    path rounds them the same way, so a row's result hardly depends on its batch."""
+    torch.manual_seed(7)
+    q, scale = _quantize(torch.randn(96, 576))
+    packed = native.amx_pack(q)
+    if packed.numel() == 0:
+        pytest.skip("this CPU has no AMX-BF16")
+    x = torch.randn(40, 576)
+    expected = x.bfloat16().double() @ (q.double() * scale.double()[:, None]).t()
+    for rows in (1, 4, 5, 16, 17, 40):  # both paths, one and several 16-row tiles
+        got = native.int8_linear(x[:rows], q, scale, packed)
+        torch.testing.assert_close(got.double(), expected[:rows], rtol=1e-5, atol=1e-4)
+    together = native.int8_linear(x[:16], q, scale, packed)
+    for i in range(16):
+        assert torch.equal(native.int8_linear(x[:16].roll(-i, 0)[:8], q, scale, packed)[0], together[i])
+
+
+def test_amx_pack_leaves_untileable_shapes_alone(native):
+    q, _ = _quantize(torch.randn(24, 40))  # N % 16 and K % 32 both off
+    assert native.amx_pack(q).numel() == 0

@@ -9,6 +9,9 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
+#include <optional>
+#include <utility>
 #include <cmath>
 #include <vector>
 
@@ -20,7 +23,11 @@
 namespace {
 
 constexpr int64_t kRowTile = 8;  // weight rows per task unit (read once for all rows of x)
-constexpr int64_t kMaxXRows = 4;  // activation rows per register tile
+constexpr int64_t kMaxXRows = 16;  // activation rows per register tile
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head that the attention kernel takes
+// Below this many rows the AVX-512 GEMV is faster (AMX pays for widening every weight to bf16;
+// measured: 40% slower at 2-4 rows, 2-3x faster from 8).
+constexpr int64_t kAmxMinRows = 5;
 
 #ifdef SPECACHE_AVX512
 inline __m512 load_int8x16(const int8_t* p) {
@@ -45,11 +52,10 @@ inline void dot_tile(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, 
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
     for (int p = 0; p < R * 16; p += 64) _mm_prefetch(next + i * R + p, _MM_HINT_T0);
-    __m512 xs[M];
-    for (int m = 0; m < M; ++m) xs[m] = _mm512_loadu_ps(x + m * ldx + i);
     for (int r = 0; r < R; ++r) {
       const __m512 wv = load_int8x16(w + r * ldw + i);
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xs[m], acc[r][m]);
+      // x straight from L1 as the FMA's memory operand: R * M accumulators take the registers.
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * ldx + i), acc[r][m]);
     }
   }
   if (i < k) {
@@ -80,15 +86,25 @@ inline void dot_tile(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, 
 }
 #endif
 
-// A tile of `rows` weight rows: sub-tiles of R rows (R * M accumulators in registers), then single rows.
+// A tile of `rows` weight rows: sub-tiles of R rows (R * M <= 16 accumulators in registers; the
+// int8 -> fp32 widening of a weight is shared by the M activation rows), then single rows.
 template <int M>
-inline void row_tile(const int8_t* w, int64_t k, const float* x, float* y, int64_t n, const float* scale,
-                     int64_t r, int64_t rows) {
-  constexpr int R = M == 1 ? 8 : 4;
+void row_tile(const int8_t* w, int64_t k, const float* x, float* y, int64_t n, const float* scale, int64_t r,
+              int64_t rows) {
+  constexpr int R = M == 1 ? 8 : M <= 4 ? 4 : M <= 8 ? 2 : 1;
   int64_t i = r;
   for (; i + R <= r + rows; i += R) dot_tile<R, M>(w + i * k, k, x, k, k, y + i, n, scale + i);
   for (; i < r + rows; ++i) dot_tile<1, M>(w + i * k, k, x, k, k, y + i, n, scale + i);
 }
+
+using RowTileFn = void (*)(const int8_t*, int64_t, const float*, float*, int64_t, const float*, int64_t, int64_t);
+
+template <size_t... Ms>
+constexpr std::array<RowTileFn, sizeof...(Ms)> row_tiles(std::index_sequence<Ms...>) {
+  return {&row_tile<static_cast<int>(Ms + 1)>...};
+}
+
+constexpr auto kRowTiles = row_tiles(std::make_index_sequence<kMaxXRows>());  // kRowTiles[M - 1]
 
 // Rows row_begin .. row_end of y = x @ w^T; the activation rows go in groups of kMaxXRows inside
 // each weight tile, so a tile is read from memory once and from L1 by the later groups.
@@ -96,20 +112,131 @@ void rows_any(const int8_t* w, int64_t k, const float* x, int64_t m_rows, float*
               const float* scale, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; r += kRowTile) {
     const int64_t rows = std::min(kRowTile, row_end - r);
-    for (int64_t m = 0; m < m_rows; m += kMaxXRows) {
-      const float* xm = x + m * k;
-      float* ym = y + m * n;
-      switch (std::min(kMaxXRows, m_rows - m)) {
-        case 1: row_tile<1>(w, k, xm, ym, n, scale, r, rows); break;
-        case 2: row_tile<2>(w, k, xm, ym, n, scale, r, rows); break;
-        case 3: row_tile<3>(w, k, xm, ym, n, scale, r, rows); break;
-        default: row_tile<4>(w, k, xm, ym, n, scale, r, rows); break;
-      }
-    }
+    for (int64_t m = 0; m < m_rows; m += kMaxXRows)
+      kRowTiles[std::min(kMaxXRows, m_rows - m) - 1](w, k, x + m * k, y + m * n, n, scale, r, rows);
   }
 }
 
 }  // namespace
+
+// ---- AMX: int8 weights widened to bf16 tiles on the fly, tile matmul with bf16 activations ----
+// Weights are re-laid once ("packed") as tiles of 16 outputs x 32 inputs in the VNNI order that
+// TDPBF16PS reads: 512 bytes per tile, the tiles of one 16-output block consecutive along K.
+#if defined(SPECACHE_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define SPECACHE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace {
+
+constexpr int64_t kTileN = 16, kTileK = 32, kTileBytes = kTileN * kTileK;
+
+// GCC's AMX intrinsics are asm statements without a memory clobber: the compiler does not know
+// that a tile load reads the buffer just written (it drops the stores) or that a tile store
+// writes one. A compiler barrier around them keeps the memory traffic in order.
+inline void compiler_barrier() { asm volatile("" ::: "memory"); }
+constexpr int64_t kAmxBlocks = 4;  // output blocks sharing one activation tile load (C tiles 0..3)
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_enabled() {
+  // Linux hands out the AMX register state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+void amx_configure(int64_t m) {
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = static_cast<uint8_t>(m), cfg.colsb[t] = 64;  // C: m x 16 fp32
+  cfg.rows[4] = static_cast<uint8_t>(m), cfg.colsb[4] = 64;  // A: m x 32 bf16
+  cfg.rows[5] = 16, cfg.colsb[5] = 64;  // B: 16 pairs x 16 outputs x 2 bf16
+  compiler_barrier();
+  _tile_loadconfig(&cfg);
+}
+
+// One packed int8 tile -> 16 rows x 32 bf16 (exact: |q| <= 127 fits bf16's 8-bit significand).
+inline void widen_tile(const int8_t* src, __m512bh* dst) {
+  for (int row = 0; row < 16; ++row) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+    const __m512 hi =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
+    dst[row] = _mm512_cvtne2ps_pbh(hi, lo);
+    src += 32;
+  }
+}
+
+// y[m, n0 .. n0 + 16 * blocks) for m <= 16 rows of bf16 activations xb (row stride k).
+template <int Blocks>
+void amx_blocks(const int8_t* packed, const float* scale, const at::BFloat16* xb, int64_t m, int64_t k,
+                int64_t n, int64_t block0, float* y) {
+  const int64_t kb_count = k / kTileK;
+  alignas(64) __m512bh b_tile[16];
+  alignas(64) float c_out[16 * kTileN];
+  _tile_zero(0);
+  if (Blocks > 1) _tile_zero(1);
+  if (Blocks > 2) _tile_zero(2);
+  if (Blocks > 3) _tile_zero(3);
+  compiler_barrier();
+  for (int64_t kb = 0; kb < kb_count; ++kb) {
+    _tile_loadd(4, xb + kb * kTileK, k * 2);
+    for (int b = 0; b < Blocks; ++b) {
+      const int8_t* tile = packed + ((block0 + b) * kb_count + kb) * kTileBytes;
+      for (int line = 0; line < kTileBytes; line += 64) _mm_prefetch(tile + 4 * kTileBytes + line, _MM_HINT_T0);
+      widen_tile(tile, b_tile);
+      compiler_barrier();
+      _tile_loadd(5, b_tile, 64);
+      // Tile numbers must be immediates.
+      if (b == 0) _tile_dpbf16ps(0, 4, 5);
+      if (b == 1) _tile_dpbf16ps(1, 4, 5);
+      if (b == 2) _tile_dpbf16ps(2, 4, 5);
+      if (b == 3) _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  for (int b = 0; b < Blocks; ++b) {
+    if (b == 0) _tile_stored(0, c_out, 64);
+    if (b == 1) _tile_stored(1, c_out, 64);
+    if (b == 2) _tile_stored(2, c_out, 64);
+    if (b == 3) _tile_stored(3, c_out, 64);
+    compiler_barrier();
+    const int64_t n0 = (block0 + b) * kTileN;
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < kTileN; ++j) y[r * n + n0 + j] = c_out[r * kTileN + j] * scale[n0 + j];
+  }
+}
+
+// y[M, N] = x[M, K] @ (w * scale)^T with packed weights; any M (chunks of 16 rows).
+void amx_gemm(const int8_t* packed, const float* scale, const float* x, int64_t m, int64_t k, int64_t n, float* y) {
+  std::vector<at::BFloat16> xb(m * k);
+  for (int64_t i = 0; i < m * k; ++i) xb[i] = static_cast<at::BFloat16>(x[i]);
+  const int64_t groups = (n / kTileN + kAmxBlocks - 1) / kAmxBlocks;
+  at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
+    for (int64_t r0 = 0; r0 < m; r0 += 16) {
+      const int64_t rows = std::min<int64_t>(16, m - r0);
+      amx_configure(rows);
+      for (int64_t g = gb; g < ge; ++g) {
+        const int64_t block0 = g * kAmxBlocks, blocks = std::min(kAmxBlocks, n / kTileN - block0);
+        const at::BFloat16* xr = xb.data() + r0 * k;
+        float* yr = y + r0 * n;
+        switch (blocks) {
+          case 1: amx_blocks<1>(packed, scale, xr, rows, k, n, block0, yr); break;
+          case 2: amx_blocks<2>(packed, scale, xr, rows, k, n, block0, yr); break;
+          case 3: amx_blocks<3>(packed, scale, xr, rows, k, n, block0, yr); break;
+          default: amx_blocks<4>(packed, scale, xr, rows, k, n, block0, yr); break;
+        }
+      }
+      _tile_release();
+    }
+  });
+}
+
+}  // namespace
+#endif
 
 namespace {
 
@@ -125,16 +252,47 @@ void int8_gemm(const int8_t* w, const float* scale, const float* x, int64_t m, i
 
 }  // namespace
 
+// The AMX tile layout of q [N, K] (an int8 tensor of the same size), or an empty tensor where
+// AMX is not available or the shape does not tile (N % 16, K % 32).
+torch::Tensor amx_pack(const torch::Tensor& q) {
+#ifdef SPECACHE_AMX
+  const int64_t n = q.size(0), k = q.size(1);
+  if (amx_enabled() && n % kTileN == 0 && k % kTileK == 0) {
+    // [N/16, 16, K/32, 16 pairs, 2] -> [N/16, K/32, 16 pairs, 16 outputs, 2]
+    return q.contiguous().view({n / kTileN, kTileN, k / kTileK, kTileK / 2, 2}).permute({0, 2, 3, 1, 4}).contiguous();
+  }
+#endif
+  return torch::empty({0}, q.options());
+}
+
+// y = x @ (q * scale)^T; with a packed copy (amx_pack) and at least kAmxMinRows rows, on AMX.
+void quant_gemm(const int8_t* q, const int8_t* packed, const float* scale, const float* x, int64_t m, int64_t k,
+                int64_t n, float* y) {
+#ifdef SPECACHE_AMX
+  if (packed != nullptr) {
+    if (m >= kAmxMinRows) return amx_gemm(packed, scale, x, m, k, n, y);
+    // The AMX path multiplies bf16 activations: round them here too, so that a token's logits do
+    // not change (beyond fp32 summation order) with the number of rows in its step.
+    std::vector<float> rounded(x, x + m * k);
+    for (float& v : rounded) v = static_cast<float>(static_cast<at::BFloat16>(v));
+    return int8_gemm(q, scale, rounded.data(), m, k, n, y);
+  }
+#endif
+  int8_gemm(q, scale, x, m, k, n, y);
+}
+
 // x [M, K] (fp32 or bf16), q [N, K] int8, scale [N] fp32 -> [M, N] in x's dtype.
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                          const std::optional<torch::Tensor>& packed) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "int8_linear: shapes ", x.sizes(), " ",
               q.sizes());
   TORCH_CHECK(q.scalar_type() == torch::kInt8 && scale.scalar_type() == torch::kFloat, "int8_linear: dtypes");
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous(), "int8_linear: q and scale must be contiguous");
   const auto xf = x.to(torch::kFloat).contiguous();
   auto y = torch::empty({xf.size(0), q.size(0)}, xf.options());
-  int8_gemm(q.data_ptr<int8_t>(), scale.data_ptr<float>(), xf.data_ptr<float>(), xf.size(0), xf.size(1), q.size(0),
-            y.data_ptr<float>());
+  const bool tiled = packed.has_value() && packed->numel() == q.numel();
+  quant_gemm(q.data_ptr<int8_t>(), tiled ? packed->data_ptr<int8_t>() : nullptr, scale.data_ptr<float>(),
+             xf.data_ptr<float>(), xf.size(0), xf.size(1), q.size(0), y.data_ptr<float>());
   return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
 }
 
@@ -147,78 +305,133 @@ inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t d) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < d; i += 16) {
-    const __mmask16 m = (d - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), load16(k + i, m), acc);
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// e^x for x <= 0 (softmax after subtracting the max): x = n ln2 + f, e^f by its degree-6 Taylor
+// polynomial (|f| <= ln2 / 2: relative error ~1e-7), times 2^n with vscalefps.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094172e-06f), f);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// scores[j] <- exp(scores[j] - max), returns the sum (the softmax denominator).
+inline float exp_and_sum(float* scores, int64_t n) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16)
+    vmax = _mm512_mask_max_ps(vmax, tail_mask(n - j), vmax, _mm512_maskz_loadu_ps(tail_mask(n - j), scores + j));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), mx));
+    _mm512_mask_storeu_ps(scores + j, m, e);
+    total = _mm512_mask_add_ps(total, m, total, e);
   }
-  return _mm512_reduce_add_ps(acc);
+  return _mm512_reduce_add_ps(total);
+}
+
+// The heads of one GQA group share each key and value: load (and widen) it once for all of them.
+template <typename T>
+inline void group_scores(const float* q, int64_t heads, const T* key, int64_t d, float scale, float* scores,
+                         int64_t stride) {
+  __m512 acc[kMaxGroup];
+  for (int64_t h = 0; h < heads; ++h) acc[h] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; i += 16) {
+    const __mmask16 m = tail_mask(d - i);
+    const __m512 kv = load16(key + i, m);
+    for (int64_t h = 0; h < heads; ++h) acc[h] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + h * d + i), kv, acc[h]);
+  }
+  for (int64_t h = 0; h < heads; ++h) scores[h * stride] = _mm512_reduce_add_ps(acc[h]) * scale;
 }
 
 template <typename T>
-inline void axpy(float a, const T* v, float* out, int64_t d) {
-  const __m512 av = _mm512_set1_ps(a);
+inline void group_accumulate(const float* probs, int64_t heads, int64_t stride, const T* value, float* out,
+                             int64_t d) {
   for (int64_t i = 0; i < d; i += 16) {
-    const __mmask16 m = (d - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
-    _mm512_mask_storeu_ps(out + i, m, _mm512_fmadd_ps(av, load16(v + i, m), _mm512_maskz_loadu_ps(m, out + i)));
+    const __mmask16 m = tail_mask(d - i);
+    const __m512 vv = load16(value + i, m);
+    for (int64_t h = 0; h < heads; ++h) {
+      float* o = out + h * d + i;
+      _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(_mm512_set1_ps(probs[h * stride]), vv, _mm512_maskz_loadu_ps(m, o)));
+    }
   }
 }
 #else
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t d) {
-  float acc = 0.f;
-  for (int64_t i = 0; i < d; ++i) acc += q[i] * static_cast<float>(k[i]);
-  return acc;
+inline float exp_and_sum(float* scores, int64_t n) {
+  const float mx = *std::max_element(scores, scores + n);
+  float total = 0.f;
+  for (int64_t j = 0; j < n; ++j) total += (scores[j] = std::exp(scores[j] - mx));
+  return total;
 }
 
 template <typename T>
-inline void axpy(float a, const T* v, float* out, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) out[i] += a * static_cast<float>(v[i]);
+inline void group_scores(const float* q, int64_t heads, const T* key, int64_t d, float scale, float* scores,
+                         int64_t stride) {
+  for (int64_t h = 0; h < heads; ++h) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < d; ++i) acc += q[h * d + i] * static_cast<float>(key[i]);
+    scores[h * stride] = acc * scale;
+  }
+}
+
+template <typename T>
+inline void group_accumulate(const float* probs, int64_t heads, int64_t stride, const T* value, float* out,
+                             int64_t d) {
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < d; ++i) out[h * d + i] += probs[h * stride] * static_cast<float>(value[i]);
 }
 #endif
 
-// One query row of one head against its visible keys: out = softmax(scale * q K^T) V.
+// One token's query heads of one GQA group (`heads` rows of d at q) against its visible keys:
+// out = softmax(scale * q K^T) V, scores being scratch of heads * visible floats.
 template <typename T>
-void attend_one(const float* q, const T* k_base, const T* v_base, const int64_t* slots, int64_t visible,
-                int64_t slot_stride, float scale, float* scores, float* out, int64_t d) {
-  float max_score = -INFINITY;
-  for (int64_t j = 0; j < visible; ++j) {
-    scores[j] = dot(q, k_base + slots[j] * slot_stride, d) * scale;
-    max_score = std::max(max_score, scores[j]);
-  }
-  float total = 0.f;
-  for (int64_t j = 0; j < visible; ++j) {
-    scores[j] = std::exp(scores[j] - max_score);
-    total += scores[j];
-  }
-  std::fill(out, out + d, 0.f);
-  for (int64_t j = 0; j < visible; ++j) axpy(scores[j], v_base + slots[j] * slot_stride, out, d);
-  const float inv = 1.f / total;
-  for (int64_t i = 0; i < d; ++i) out[i] *= inv;
+void attend_group(const float* q, int64_t heads, const T* k_base, const T* v_base, const int64_t* slots,
+                  int64_t visible, int64_t slot_stride, float scale, float* scores, float* out, int64_t d) {
+  for (int64_t j = 0; j < visible; ++j)
+    group_scores(q, heads, k_base + slots[j] * slot_stride, d, scale, scores + j, visible);
+  float inv_total[kMaxGroup];
+  for (int64_t h = 0; h < heads; ++h) inv_total[h] = 1.f / exp_and_sum(scores + h * visible, visible);
+  std::fill(out, out + heads * d, 0.f);
+  for (int64_t j = 0; j < visible; ++j)
+    group_accumulate(scores + j, heads, visible, v_base + slots[j] * slot_stride, out, d);
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < d; ++i) out[h * d + i] *= inv_total[h];
 }
 
 // Query head h of token t is at q + t * q_stride + h * d (q_stride lets the fused step read the
-// rotated q heads straight out of its qkv rows); the output is [T, nh, d].
+// rotated q heads straight out of its qkv rows); the output is [T, nh, d]. Work items are
+// (sequence, KV head, query row), so the heads sharing a KV head read it once.
 template <typename T>
 void paged_attention_impl(const float* q, int64_t q_stride, const T* k, const T* v, const int64_t* info,
                           const int64_t* slots, int64_t num_seqs, int64_t nh, int64_t nkv, int64_t d, float scale,
                           float* out) {
   const int64_t group = nh / nkv;
+  TORCH_CHECK(group <= kMaxGroup, "paged_attention: at most ", kMaxGroup, " query heads per KV head");
   int64_t max_kv = 1;
-  for (int64_t b = 0; b < num_seqs; ++b) max_kv = std::max(max_kv, info[b * 4 + 2]);
-  at::parallel_for(0, num_seqs * nh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(max_kv);
+  std::vector<int64_t> first_item(num_seqs + 1, 0);  // work items of sequence b: [first_item[b], first_item[b+1])
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    max_kv = std::max(max_kv, info[b * 4 + 2]);
+    first_item[b + 1] = first_item[b] + info[b * 4 + 1] * nkv;
+  }
+  at::parallel_for(0, first_item[num_seqs], 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * max_kv);
+    int64_t b = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / nh, h = item % nh;
+      while (item >= first_item[b + 1]) ++b;
       const int64_t q_start = info[b * 4], q_len = info[b * 4 + 1], kv_len = info[b * 4 + 2];
-      for (int64_t i = 0; i < q_len; ++i) {
-        const int64_t t = q_start + i;
-        // Causal with an offset: query i sees the cached prefix and the new tokens up to itself.
-        attend_one(q + t * q_stride + h * d, k + (h / group) * d, v + (h / group) * d, slots + info[b * 4 + 3],
-                   kv_len - q_len + i + 1, nkv * d, scale, scores.data(), out + (t * nh + h) * d, d);
-      }
+      const int64_t i = (item - first_item[b]) / nkv, g = (item - first_item[b]) % nkv;
+      const int64_t t = q_start + i;
+      // Causal with an offset: query i sees the cached prefix and the new tokens up to itself.
+      attend_group(q + t * q_stride + g * group * d, group, k + g * d, v + g * d, slots + info[b * 4 + 3],
+                   kv_len - q_len + i + 1, nkv * d, scale, scores.data(), out + (t * nh + g * group) * d, d);
     }
   });
 }
@@ -284,13 +497,29 @@ void store_kv(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-float silu(float x) { return x / (1.f + std::exp(-x)); }
+// act[j] = silu(gate[j]) * up[j], silu(x) = x * sigmoid(x).
+void swiglu(const float* gate, const float* up, float* act, int64_t n) {
+  int64_t j = 0;
+#ifdef SPECACHE_AVX512
+  // sigmoid from e = exp(-|x|) <= 1 (no overflow): 1 / (1 + e) for x >= 0, e / (1 + e) below.
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 x = _mm512_loadu_ps(gate + j);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+    const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), one, e);
+    const __m512 sig = _mm512_div_ps(num, _mm512_add_ps(one, e));
+    _mm512_storeu_ps(act + j, _mm512_mul_ps(_mm512_mul_ps(x, sig), _mm512_loadu_ps(up + j)));
+  }
+#endif
+  for (; j < n; ++j) act[j] = gate[j] / (1.f + std::exp(-gate[j])) * up[j];
+}
 
 struct QuantWeight {
-  torch::Tensor q, scale;  // int8 [N, K], fp32 [N]
+  torch::Tensor q, scale, packed;  // int8 [N, K], fp32 [N], AMX layout of q (empty without AMX)
   int64_t n() const { return q.size(0); }
   void apply(const float* x, int64_t m, float* y) const {
-    int8_gemm(q.data_ptr<int8_t>(), scale.data_ptr<float>(), x, m, q.size(1), q.size(0), y);
+    quant_gemm(q.data_ptr<int8_t>(), packed.defined() ? packed.data_ptr<int8_t>() : nullptr,
+               scale.data_ptr<float>(), x, m, q.size(1), q.size(0), y);
   }
 };
 
@@ -309,16 +538,17 @@ class FusedDecoder {
   FusedDecoder(const std::vector<std::vector<torch::Tensor>>& layers, int64_t num_heads, int64_t num_kv_heads,
                int64_t head_dim, double eps)
       : nh_(num_heads), nkv_(num_kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)) {
-    // Each layer: attn_norm, ffn_norm, qkv_bias (or an empty tensor), then q/scale of qkv, o, gate_up, down.
+    // Each layer: attn_norm, ffn_norm, qkv_bias (or an empty tensor), then q / scale / AMX-packed q
+    // (amx_pack's result, possibly empty) of qkv, o, gate_up and down.
     for (const auto& t : layers) {
-      TORCH_CHECK(t.size() == 11, "FusedDecoder: 11 tensors per layer");
+      TORCH_CHECK(t.size() == 15, "FusedDecoder: 15 tensors per layer");
       auto f32 = [](const torch::Tensor& x) { return x.to(torch::kFloat).contiguous(); };
       auto quant = [&](size_t i) {
         TORCH_CHECK(t[i].scalar_type() == torch::kInt8 && t[i].is_contiguous(), "FusedDecoder: int8 weights");
-        return QuantWeight{t[i], f32(t[i + 1])};
+        return QuantWeight{t[i], f32(t[i + 1]), t[i + 2].numel() == t[i].numel() ? t[i + 2] : torch::Tensor()};
       };
-      layers_.push_back(Layer{f32(t[0]), f32(t[1]), t[2].numel() ? f32(t[2]) : torch::Tensor(), quant(3), quant(5),
-                              quant(7), quant(9)});
+      layers_.push_back(Layer{f32(t[0]), f32(t[1]), t[2].numel() ? f32(t[2]) : torch::Tensor(), quant(3), quant(6),
+                              quant(9), quant(12)});
     }
   }
 
@@ -371,8 +601,7 @@ class FusedDecoder {
       act.resize(t * inter);
       w.gate_up.apply(xn.data(), t, gate_up.data());
       for (int64_t i = 0; i < t; ++i)
-        for (int64_t j = 0; j < inter; ++j)
-          act[i * inter + j] = silu(gate_up[i * 2 * inter + j]) * gate_up[i * 2 * inter + inter + j];
+        swiglu(gate_up.data() + i * 2 * inter, gate_up.data() + i * 2 * inter + inter, act.data() + i * inter, inter);
       w.down.apply(act.data(), t, proj.data());
       for (int64_t i = 0; i < t * dim; ++i) hp[i] += proj[i];
     }
@@ -393,8 +622,9 @@ class FusedDecoder {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.def("int8_linear", &int8_linear, "y = x @ (q * scale)^T for a few rows of x",
-        py::call_guard<py::gil_scoped_release>());
+  m.def("int8_linear", &int8_linear, "y = x @ (q * scale)^T for a few rows of x", py::arg("x"), py::arg("q"),
+        py::arg("scale"), py::arg("packed") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("amx_pack", &amx_pack, "q's AMX tile layout (empty where AMX is unavailable)");
   m.def("paged_attention", &paged_attention, "attention of every sequence of a step over the flat KV slots",
         py::call_guard<py::gil_scoped_release>());
   py::class_<FusedDecoder>(m, "FusedDecoder")

@@ -85,7 +85,7 @@ class Projection:
       `calibrate_int8_max_rows` measures it when the model loads.
     """
 
-    __slots__ = ("dense", "dense_t", "q", "scales", "scales_f32", "native", "int8_max_rows")
+    __slots__ = ("dense", "dense_t", "q", "scales", "scales_f32", "packed", "native", "int8_max_rows")
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device, weight_format: str = "dense") -> None:
         weight = weight.to(device, torch.float32)
@@ -95,7 +95,7 @@ class Projection:
                 self.dense_t = weight.t().contiguous()
             else:
                 self.dense = weight.to(dtype).contiguous()
-        self.q = self.scales = self.scales_f32 = self.native = None
+        self.q = self.scales = self.scales_f32 = self.packed = self.native = None
         self.int8_max_rows = HYBRID_INT8_MAX_ROWS
         if weight_format in ("int8", "hybrid"):
             scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
@@ -103,6 +103,8 @@ class Projection:
             self.scales = scales.to(torch.bfloat16)
             self.scales_f32 = scales.contiguous()
             self.native = kernels.load() if self.q.device.type == "cpu" else None
+            if self.native is not None:  # AMX tile layout for multi-row steps (empty without AMX)
+                self.packed = self.native.amx_pack(self.q)
             if weight_format == "int8":
                 self.int8_max_rows = 1 << 62
 
@@ -113,7 +115,7 @@ class Projection:
 
     def int8(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
-            return self.native.int8_linear(x, self.q, self.scales_f32)
+            return self.native.int8_linear(x, self.q, self.scales_f32, self.packed)
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -229,8 +231,8 @@ class LlamaModel:
         none = torch.empty(0)
         return self.native.FusedDecoder(
             [[lw.attn_norm, lw.ffn_norm, lw.bqkv if lw.bqkv is not None else none,
-              lw.qkv.q, lw.qkv.scales_f32, lw.o.q, lw.o.scales_f32, lw.gate_up.q, lw.gate_up.scales_f32,
-              lw.down.q, lw.down.scales_f32] for lw in self.layers],
+              *[t for proj in (lw.qkv, lw.o, lw.gate_up, lw.down) for t in (proj.q, proj.scales_f32, proj.packed)]]
+             for lw in self.layers],
             self.config.num_heads, self.config.num_kv_heads, self.config.head_dim, self.config.rms_norm_eps)
 
     @property
