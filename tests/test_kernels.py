@@ -74,9 +74,10 @@ def _reference_attention(q, k_slots, v_slots, seqs):
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_matches_sdpa_on_a_mixed_batch(native, cache_dtype):
+@pytest.mark.parametrize("nh,nkv,d", [(6, 2, 40), (9, 3, 64), (8, 2, 128), (4, 4, 64)])  # generic and register paths
+def test_paged_attention_matches_sdpa_on_a_mixed_batch(native, cache_dtype, nh, nkv, d):
     torch.manual_seed(1)
-    nh, nkv, d, num_slots = 6, 2, 40, 512
+    num_slots = 512
     k_slots = torch.randn(num_slots, nkv, d).to(cache_dtype)
     v_slots = torch.randn(num_slots, nkv, d).to(cache_dtype)
     perm = torch.randperm(num_slots)

@@ -364,7 +364,73 @@ inline void group_accumulate(const float* probs, int64_t heads, int64_t stride, 
     }
   }
 }
+
+// attend_group for G heads of 16 * C dims: the queries (scale folded in) and the G x C output
+// accumulators live in registers; each key and value is widened once for the whole group.
+template <typename T, int G, int C>
+void attend_group_fixed(const float* q, const T* k_base, const T* v_base, const int64_t* slots, int64_t visible,
+                        int64_t slot_stride, float scale, float* scores, float* out) {
+  __m512 qv[G][C];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c) qv[h][c] = _mm512_mul_ps(_mm512_loadu_ps(q + (h * C + c) * 16), _mm512_set1_ps(scale));
+  for (int64_t j = 0; j < visible; ++j) {
+    const T* key = k_base + slots[j] * slot_stride;
+    __m512 kc[C];
+    for (int c = 0; c < C; ++c) kc[c] = load16(key + c * 16, 0xFFFF);
+    for (int h = 0; h < G; ++h) {
+      __m512 acc = _mm512_mul_ps(qv[h][0], kc[0]);
+      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[h][c], kc[c], acc);
+      scores[h * visible + j] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  float inv_total[G];
+  for (int h = 0; h < G; ++h) inv_total[h] = 1.f / exp_and_sum(scores + h * visible, visible);
+  __m512 acc[G][C];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < visible; ++j) {
+    const T* value = v_base + slots[j] * slot_stride;
+    __m512 vc[C];
+    for (int c = 0; c < C; ++c) vc[c] = load16(value + c * 16, 0xFFFF);
+    for (int h = 0; h < G; ++h) {
+      const __m512 p = _mm512_set1_ps(scores[h * visible + j]);
+      for (int c = 0; c < C; ++c) acc[h][c] = _mm512_fmadd_ps(p, vc[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c)
+      _mm512_storeu_ps(out + (h * C + c) * 16, _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv_total[h])));
+}
+
+using AttendFn = void (*)(const float*, const void*, const void*, const int64_t*, int64_t, int64_t, float, float*,
+                          float*);
+
+template <typename T, int G, int C>
+void attend_erased(const float* q, const void* k, const void* v, const int64_t* slots, int64_t visible,
+                   int64_t stride, float scale, float* scores, float* out) {
+  attend_group_fixed<T, G, C>(q, static_cast<const T*>(k), static_cast<const T*>(v), slots, visible, stride, scale,
+                              scores, out);
+}
+
+// The register-resident version for 1-8 heads per KV head and head_dim 64 or 128; null otherwise.
+template <typename T>
+AttendFn fixed_attention(int64_t heads, int64_t d) {
+  static constexpr AttendFn by_d64[8] = {&attend_erased<T, 1, 4>, &attend_erased<T, 2, 4>, &attend_erased<T, 3, 4>,
+                                         &attend_erased<T, 4, 4>, &attend_erased<T, 5, 4>, &attend_erased<T, 6, 4>,
+                                         &attend_erased<T, 7, 4>, &attend_erased<T, 8, 4>};
+  static constexpr AttendFn by_d128[4] = {&attend_erased<T, 1, 8>, &attend_erased<T, 2, 8>, &attend_erased<T, 3, 8>,
+                                          &attend_erased<T, 4, 8>};
+  if (d == 64 && heads >= 1 && heads <= 8) return by_d64[heads - 1];
+  if (d == 128 && heads >= 1 && heads <= 4) return by_d128[heads - 1];
+  return nullptr;
+}
 #else
+using AttendFn = void (*)(const float*, const void*, const void*, const int64_t*, int64_t, int64_t, float, float*,
+                          float*);
+
+template <typename T>
+AttendFn fixed_attention(int64_t, int64_t) { return nullptr; }
+
 inline float exp_and_sum(float* scores, int64_t n) {
   const float mx = *std::max_element(scores, scores + n);
   float total = 0.f;
@@ -395,6 +461,8 @@ inline void group_accumulate(const float* probs, int64_t heads, int64_t stride, 
 template <typename T>
 void attend_group(const float* q, int64_t heads, const T* k_base, const T* v_base, const int64_t* slots,
                   int64_t visible, int64_t slot_stride, float scale, float* scores, float* out, int64_t d) {
+  if (const auto fixed = fixed_attention<T>(heads, d))
+    return fixed(q, k_base, v_base, slots, visible, slot_stride, scale, scores, out);
   for (int64_t j = 0; j < visible; ++j)
     group_scores(q, heads, k_base + slots[j] * slot_stride, d, scale, scores + j, visible);
   float inv_total[kMaxGroup];
