@@ -163,3 +163,17 @@ def test_amx_path_matches_bf16_activations_and_is_batch_invariant(native):
 def test_amx_pack_leaves_untileable_shapes_alone(native):
     q, _ = _quantize(torch.randn(24, 40))  # N % 16 and K % 32 both off
     assert native.amx_pack(q).numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_ops_match_pytorch(native, dtype):
+    torch.manual_seed(3)
+    x, weight = torch.randn(37, 576).to(dtype), torch.randn(576).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(native.rms_norm(x, weight, 1e-5),
+                               F.rms_norm(x.float(), (576,), weight.float(), 1e-5).to(dtype), **tol)
+    gate_up = (torch.randn(5, 2 * 1536) * 6).to(dtype)  # large |x|: both branches of the sigmoid
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    torch.testing.assert_close(native.swiglu(gate_up), (F.silu(gate) * up).to(dtype), **tol)
+    with pytest.raises(RuntimeError, match="swiglu"):
+        native.swiglu(torch.randn(2, 3))

@@ -302,18 +302,26 @@ class LlamaModel:
                                       meta.slot_mapping, info, slots, num_layers or self.num_layers)
         cos = self.cos[positions].unsqueeze(1).to(self.dtype)
         sin = self.signed_sin[positions].unsqueeze(1).to(self.dtype)
-        shape = (hidden.shape[-1],)
         for i, lw in enumerate(self.layers[: num_layers or self.num_layers]):
-            x = F.rms_norm(hidden, shape, lw.attn_norm, eps)
+            x = self._rms_norm(hidden, lw.attn_norm, eps)
             hidden = hidden + self._attention(x, i, lw, cos, sin, meta, cache)
-            x = F.rms_norm(hidden, shape, lw.ffn_norm, eps)
-            gate, up = lw.gate_up(x).chunk(2, dim=-1)
-            hidden = hidden + lw.down(F.silu(gate) * up)
+            x = self._rms_norm(hidden, lw.ffn_norm, eps)
+            hidden = hidden + lw.down(self._swiglu(lw.gate_up(x)))
         return hidden
 
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.rms_norm(x, weight, eps)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.swiglu(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.config.rms_norm_eps)
-        return self.lm_head(x).float()
+        return self.lm_head(self._rms_norm(hidden, self.norm, self.config.rms_norm_eps)).float()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
