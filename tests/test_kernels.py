@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,8 @@ from specache.models.loader import load_model
 
 @pytest.fixture(scope="module")
 def native():
+    if os.environ.get(kernels.DISABLE_ENV, "") not in ("", "0"):
+        pytest.skip(f"{kernels.DISABLE_ENV} is set")
     module = kernels.load()
     assert module is not None, "the native kernels must build here (gcc and ninja are installed by make)"
     return module
@@ -41,8 +45,9 @@ def test_int8_linear_matches_float64(native, rows, n, k):
 
 
 def test_int8_linear_rows_do_not_depend_on_the_batch(native):
-    """Each row is summed in the same order whatever the batch, so verifying K drafts in one pass
-    gives bit-for-bit the logits of decoding them one at a time (greedy spec == plain)."""
+    """Within one path (here the AVX-512 GEMV, no packed copy) each row is summed in the same order
+    whatever the batch. (Across the 4 -> 5 row switch to AMX the summation order changes, so there
+    a row can differ in the last bits.)"""
     q, scale = _quantize(torch.randn(300, 576))
     x = torch.randn(7, 576)
     together = native.int8_linear(x, q, scale)
@@ -106,7 +111,7 @@ def test_kernel_args_cover_contiguous_and_scattered_slots():
 
 
 def _decode_logits(model: LlamaModel, prompt: list[int], steps: int) -> list[torch.Tensor]:
-    """Prefill (dense path: > 8 rows) then greedy single-token steps (the fused path when it is there)."""
+    """A 20-token prefill then greedy single-token steps (both on the fused path when it is there)."""
     return _prefill_then_decode(model, prompt, steps)[0]
 
 
@@ -146,15 +151,16 @@ def test_amx_path_matches_bf16_activations_and_is_batch_invariant(native):
     """From 5 rows the packed (AMX) path multiplies bf16-rounded activations; below it the AVX-512
     path rounds them the same way, so a row's result hardly depends on its batch."""
     torch.manual_seed(7)
-    q, scale = _quantize(torch.randn(96, 576))
-    packed = native.amx_pack(q)
-    if packed.numel() == 0:
-        pytest.skip("this CPU has no AMX-BF16")
     x = torch.randn(40, 576)
-    expected = x.bfloat16().double() @ (q.double() * scale.double()[:, None]).t()
-    for rows in (1, 4, 5, 16, 17, 40):  # both paths, one and several 16-row tiles
-        got = native.int8_linear(x[:rows], q, scale, packed)
-        torch.testing.assert_close(got.double(), expected[:rows], rtol=1e-5, atol=1e-4)
+    for n in (16, 80, 96, 112):  # 1, 5, 6, 7 output blocks: every tail of the 4-block groups
+        q, scale = _quantize(torch.randn(n, 576))
+        packed = native.amx_pack(q)
+        if packed.numel() == 0:
+            pytest.skip("this CPU has no AMX-BF16")
+        expected = x.bfloat16().double() @ (q.double() * scale.double()[:, None]).t()
+        for rows in (1, 4, 5, 16, 17, 40):  # both paths, one and several 16-row tiles
+            got = native.int8_linear(x[:rows], q, scale, packed)
+            torch.testing.assert_close(got.double(), expected[:rows], rtol=1e-5, atol=1e-4)
     together = native.int8_linear(x[:16], q, scale, packed)
     for i in range(16):
         assert torch.equal(native.int8_linear(x[:16].roll(-i, 0)[:8], q, scale, packed)[0], together[i])
@@ -172,8 +178,74 @@ def test_row_ops_match_pytorch(native, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(native.rms_norm(x, weight, 1e-5),
                                F.rms_norm(x.float(), (576,), weight.float(), 1e-5).to(dtype), **tol)
-    gate_up = (torch.randn(5, 2 * 1536) * 6).to(dtype)  # large |x|: both branches of the sigmoid
+    gate_up = (torch.randn(5, 2 * 1537) * 6).to(dtype)  # large |x|: both sigmoid branches; a scalar tail
     gate, up = gate_up.float().chunk(2, dim=-1)
     torch.testing.assert_close(native.swiglu(gate_up), (F.silu(gate) * up).to(dtype), **tol)
     with pytest.raises(RuntimeError, match="swiglu"):
         native.swiglu(torch.randn(2, 3))
+
+
+def _dequantized(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The int8 model's weights as dense fp32 (quantize, dequantize per output row, as Projection does)."""
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+    out = {}
+    for name, w in weights.items():
+        if any(p in name for p in projections) and name.endswith("weight"):
+            q, scale = _quantize(w.float())
+            w = q.float() * scale[:, None]
+        out[name] = w
+    return out
+
+
+def _mixed_step(model: LlamaModel, cache_dtype: torch.dtype, num_layers: int | None) -> torch.Tensor:
+    """A prefill of two sequences, then one step mixing a decode, a 4-token verification after a
+    cached prefix and a fresh 5-token prompt; the second step's logits for every new token."""
+    from specache.engine.runner import BatchItem, build_metadata
+    from specache.engine.sequence import Sequence
+    from specache.kv.cache import KVCache
+    from specache.sampling import SamplingParams
+
+    c = model.config
+    cache = KVCache(c.num_layers, 16, 4, c.num_kv_heads, c.head_dim, dtype=cache_dtype)
+    gen = torch.Generator().manual_seed(11)
+    ids = [torch.randint(0, c.vocab_size, (n,), generator=gen).tolist() for n in (13, 11, 5)]
+    seqs = [Sequence(i, str(i), 0, tokens, SamplingParams()) for i, tokens in enumerate(ids)]
+    for seq, blocks in zip(seqs, ([0, 2, 1, 7], [4, 5, 6], [9, 3]), strict=True):  # scattered and contiguous
+        seq.block_table = blocks
+
+    def run(items: list[BatchItem]) -> torch.Tensor:
+        input_ids, positions, meta, logits_idx = build_metadata(items, 4, torch.device("cpu"))
+        return model.forward(input_ids, positions, meta, cache, logits_idx, num_layers)
+
+    run([BatchItem(seqs[0], ids[0][:12], 0, 1), BatchItem(seqs[1], ids[1][:7], 0, 1)])
+    return run([BatchItem(seqs[0], ids[0][12:], 12, 1), BatchItem(seqs[1], ids[1][7:], 7, 4),
+                BatchItem(seqs[2], ids[2], 0, 5)])
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_layers", [None, 2])  # all layers, and a layer-skip draft's first two
+def test_fused_step_matches_pytorch_on_the_same_dequantized_weights(native, tmp_path_factory, monkeypatch,
+                                                                    cache_dtype, num_layers):
+    """An independent reference: PyTorch's own ops (SDPA, F.rms_norm, dense fp32 matmuls) on the
+    dequantized int8 weights, kernels off. head_dim 64 takes the register-resident attention."""
+    from conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path_factory.mktemp("tiny-hd64"), hidden_size=256, intermediate_size=512,
+                                num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+    loaded = load_model(str(model_dir))
+    fused_model = LlamaModel(loaded.config, loaded.weights, weight_format="int8")
+    assert fused_model.fused is not None
+    got = _mixed_step(fused_model, cache_dtype, num_layers)
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    kernels.load.cache_clear()
+    try:
+        reference_model = LlamaModel(loaded.config, _dequantized(loaded.weights))
+        assert reference_model.native is None
+        want = _mixed_step(reference_model, cache_dtype, num_layers)
+    finally:
+        monkeypatch.delenv(kernels.DISABLE_ENV)
+        kernels.load.cache_clear()
+    assert got.shape == want.shape == (10, loaded.config.vocab_size)
+    # bf16-rounded activations into the int8 matmuls (and a bf16 cache) are the only differences
+    spread = (want.max(dim=-1).values - want.min(dim=-1).values)[:, None]
+    assert ((got - want).abs() / spread).max().item() < 0.01

@@ -1,4 +1,5 @@
-"""Native CPU kernels for decode (int8 weight GEMV, batched paged attention), built on first use.
+"""Native CPU kernels (int8 weight GEMV and AMX matmul, batched paged attention, a fused decode
+step, RMSNorm / SwiGLU rows), built on first use. What each does: the header of cpu_kernels.cpp.
 
 The extension is compiled once per machine and Python environment with ``-march=native`` (into
 ``<venv>/var/specache-kernels``); later processes load the built library in milliseconds. Where no
@@ -57,7 +58,8 @@ def load() -> ModuleType | None:
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
             extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler / ninja, or a build error: fall back to PyTorch
-        log.warning("native CPU kernels unavailable (%s); using PyTorch kernels", str(e).splitlines()[0][:200])
+        reason = (str(e).splitlines() or [repr(e)])[0][:200]
+        log.warning("native CPU kernels unavailable (%s); using PyTorch kernels", reason)
         return None
 
 

@@ -1,18 +1,21 @@
 // CPU kernels for the decode step, where PyTorch's general kernels leave speed on the table:
-//  - int8_linear: y = x @ (q * scale)^T for a few rows of x (decode, verification). It streams
-//    each int8 weight row once for all rows of x, so it runs at memory speed.
+//  - int8_linear: y = x @ (q * scale)^T. For 1-4 rows an AVX-512 GEMV streams each int8 weight row
+//    once for all rows of x (memory speed); from 5 rows the weights, re-laid once as AMX tiles
+//    (amx_pack), are widened to bf16 on the fly and multiplied on the tile unit.
 //  - paged_attention: attention of every sequence of a step in one call, reading its K/V straight
 //    from the flat slot arrays (no gather copy, no per-sequence kernel launch).
-// Built on first use with -march=native (torch.utils.cpp_extension); AVX-512 paths where the CPU
-// has them, plain loops (auto-vectorised) otherwise.
+//  - FusedDecoder: a whole decode / verification step of the decoder layers in one call.
+//  - rms_norm, swiglu: row-wise ops of the op-by-op (prefill) path.
+// Built on first use with -march=native (torch.utils.cpp_extension); AVX-512 / AMX paths where the
+// CPU has them, plain loops (auto-vectorised) otherwise.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <optional>
 #include <utility>
-#include <cmath>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -298,6 +301,10 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
 
 namespace {
 
+// A register-resident attention specialisation (type-erased over the cache dtype), or null.
+using AttendFn = void (*)(const float*, const void*, const void*, const int64_t*, int64_t, int64_t, float, float*,
+                          float*);
+
 #ifdef SPECACHE_AVX512
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
@@ -402,9 +409,6 @@ void attend_group_fixed(const float* q, const T* k_base, const T* v_base, const 
       _mm512_storeu_ps(out + (h * C + c) * 16, _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv_total[h])));
 }
 
-using AttendFn = void (*)(const float*, const void*, const void*, const int64_t*, int64_t, int64_t, float, float*,
-                          float*);
-
 template <typename T, int G, int C>
 void attend_erased(const float* q, const void* k, const void* v, const int64_t* slots, int64_t visible,
                    int64_t stride, float scale, float* scores, float* out) {
@@ -425,9 +429,6 @@ AttendFn fixed_attention(int64_t heads, int64_t d) {
   return nullptr;
 }
 #else
-using AttendFn = void (*)(const float*, const void*, const void*, const int64_t*, int64_t, int64_t, float, float*,
-                          float*);
-
 template <typename T>
 AttendFn fixed_attention(int64_t, int64_t) { return nullptr; }
 
@@ -506,6 +507,24 @@ void paged_attention_impl(const float* q, int64_t q_stride, const T* k, const T*
 
 }  // namespace
 
+// The kernels index raw memory with these: a bad slot would corrupt the heap instead of raising
+// (as index_copy_ did), so check them once per call (O(tokens + slots), nothing next to the math).
+void check_step_indices(const torch::Tensor& info, const torch::Tensor& slots, int64_t tokens, int64_t num_slots,
+                        const char* who) {
+  TORCH_CHECK(info.dim() == 2 && info.size(1) == 4, who, ": seq_info must be [B, 4]");
+  const int64_t* ip = info.data_ptr<int64_t>();
+  for (int64_t b = 0; b < info.size(0); ++b) {
+    const int64_t q_start = ip[b * 4], q_len = ip[b * 4 + 1], kv_len = ip[b * 4 + 2], offset = ip[b * 4 + 3];
+    TORCH_CHECK(q_start >= 0 && q_len >= 1 && q_start + q_len <= tokens && q_len <= kv_len && offset >= 0 &&
+                    offset + kv_len <= slots.numel(),
+                who, ": sequence ", b, " does not fit the step (q_start ", q_start, ", q_len ", q_len, ", kv_len ",
+                kv_len, ")");
+  }
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.numel(); ++i)
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < num_slots, who, ": slot ", sp[i], " outside the cache (", num_slots, " slots)");
+}
+
 // q [T, nh, d]; k_slots / v_slots [S, nkv, d] (fp32 or bf16); seq_info [B, 4] int64 rows of
 // (q_start, q_len, kv_len, offset into slots); slots: each sequence's kv_len flat slot ids, concatenated.
 // Returns [T, nh, d] in q's dtype.
@@ -516,9 +535,11 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_slo
   TORCH_CHECK(k_slots.scalar_type() == v_slots.scalar_type(), "paged_attention: k and v dtypes differ");
   TORCH_CHECK(q.size(2) == k_slots.size(2) && q.size(1) % k_slots.size(1) == 0, "paged_attention: head shapes");
   TORCH_CHECK(seq_info.scalar_type() == torch::kLong && slots.scalar_type() == torch::kLong, "paged_attention: ids");
+  TORCH_CHECK(q.is_cpu() && k_slots.is_cpu(), "paged_attention: CPU tensors only");
   const auto qf = q.to(torch::kFloat).contiguous();
   const auto info = seq_info.contiguous();
   const auto sl = slots.contiguous();
+  check_step_indices(info, sl, q.size(0), k_slots.size(0), "paged_attention");
   auto out = torch::empty_like(qf);
   const int64_t nh = q.size(1), nkv = k_slots.size(1), d = q.size(2);
   if (k_slots.scalar_type() == torch::kFloat) {
@@ -607,6 +628,7 @@ class FusedDecoder {
   FusedDecoder(const std::vector<std::vector<torch::Tensor>>& layers, int64_t num_heads, int64_t num_kv_heads,
                int64_t head_dim, double eps)
       : nh_(num_heads), nkv_(num_kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)) {
+    TORCH_CHECK(nkv_ > 0 && nh_ % nkv_ == 0 && nh_ / nkv_ <= kMaxGroup, "FusedDecoder: head counts");
     // Each layer: attn_norm, ffn_norm, qkv_bias (or an empty tensor), then q / scale / AMX-packed q
     // (amx_pack's result, possibly empty) of qkv, o, gate_up and down.
     for (const auto& t : layers) {
@@ -624,7 +646,12 @@ class FusedDecoder {
   torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                         const torch::Tensor& cos, const torch::Tensor& signed_sin, const torch::Tensor& slot_mapping,
                         const torch::Tensor& seq_info, const torch::Tensor& slots, int64_t num_layers) {
-    TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(), "FusedDecoder: cache");
+    TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.is_cpu() &&
+                    k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == nkv_ && k_cache.size(3) == hd_,
+                "FusedDecoder: cache must be contiguous CPU [layers, slots, kv_heads, head_dim]");
+    TORCH_CHECK(hidden.dim() == 2 && cos.size(0) == hidden.size(0) && cos.size(-1) == hd_ &&
+                    signed_sin.sizes() == cos.sizes() && slot_mapping.numel() == hidden.size(0),
+                "FusedDecoder: hidden [T, H], cos / sin [T, head_dim], slot_mapping [T]");
     TORCH_CHECK(num_layers >= 0 && num_layers <= static_cast<int64_t>(layers_.size()), "FusedDecoder: num_layers");
     if (k_cache.scalar_type() == torch::kFloat) return run<float>(hidden, k_cache, v_cache, cos, signed_sin,
                                                                    slot_mapping, seq_info, slots, num_layers);
@@ -640,9 +667,14 @@ class FusedDecoder {
     auto h = hidden.to(torch::kFloat).contiguous().clone();
     const auto cos = cos_t.to(torch::kFloat).contiguous(), sin = sin_t.to(torch::kFloat).contiguous();
     const auto info = seq_info.contiguous(), slots = slots_t.contiguous(), new_slots = slot_mapping.contiguous();
+    check_step_indices(info, slots, hidden.size(0), k_cache.size(1), "FusedDecoder");
+    for (int64_t i = 0; i < new_slots.numel(); ++i) {
+      const int64_t slot = new_slots.data_ptr<int64_t>()[i];
+      TORCH_CHECK(slot >= 0 && slot < k_cache.size(1), "FusedDecoder: new token slot ", slot, " outside the cache");
+    }
     const int64_t t = h.size(0), dim = h.size(1), q_size = nh_ * hd_, kv_size = nkv_ * hd_;
     const int64_t qkv_size = q_size + 2 * kv_size;
-    const int64_t layer_slots = k_cache.size(1) * kv_size;  // elements per layer of the cache
+    const int64_t layer_elems = k_cache.size(1) * kv_size;  // elements per layer of the cache
     float* hp = h.data_ptr<float>();
     std::vector<float> xn(t * dim), qkv(t * qkv_size), attn(t * q_size), proj(t * dim);
     std::vector<float> gate_up, act;
@@ -650,12 +682,13 @@ class FusedDecoder {
       const Layer& w = layers_[l];
       rms_norm(hp, w.attn_norm.data_ptr<float>(), t, dim, eps_, xn.data());
       w.qkv.apply(xn.data(), t, qkv.data());
-      T* kc = k_cache.data_ptr<T>() + l * layer_slots;
-      T* vc = v_cache.data_ptr<T>() + l * layer_slots;
+      T* kc = k_cache.data_ptr<T>() + l * layer_elems;
+      T* vc = v_cache.data_ptr<T>() + l * layer_elems;
+      const float* bias = w.qkv_bias.defined() ? w.qkv_bias.data_ptr<float>() : nullptr;
       for (int64_t i = 0; i < t; ++i) {
         float* row = qkv.data() + i * qkv_size;
-        if (w.qkv_bias.defined())
-          for (int64_t j = 0; j < qkv_size; ++j) row[j] += w.qkv_bias.data_ptr<float>()[j];
+        if (bias != nullptr)
+          for (int64_t j = 0; j < qkv_size; ++j) row[j] += bias[j];
         rope(row, nh_ + nkv_, hd_, cos.data_ptr<float>() + i * hd_, sin.data_ptr<float>() + i * hd_);
         const int64_t slot = new_slots.data_ptr<int64_t>()[i];
         store_kv(row + q_size, kc + slot * kv_size, kv_size);
@@ -720,10 +753,11 @@ torch::Tensor swiglu_rows(const torch::Tensor& gate_up) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.def("int8_linear", &int8_linear, "y = x @ (q * scale)^T for a few rows of x", py::arg("x"), py::arg("q"),
+  m.def("int8_linear", &int8_linear, "y = x @ (q * scale)^T (AVX-512 GEMV below 5 rows, AMX tiles from 5 with packed)", py::arg("x"), py::arg("q"),
         py::arg("scale"), py::arg("packed") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_rows, "RMSNorm over the last dim", py::call_guard<py::gil_scoped_release>());
   m.def("swiglu", &swiglu_rows, "silu(gate) * up of [T, 2I] rows", py::call_guard<py::gil_scoped_release>());
+  m.attr("MAX_GROUP") = kMaxGroup;
   m.def("amx_pack", &amx_pack, "q's AMX tile layout (empty where AMX is unavailable)");
   m.def("paged_attention", &paged_attention, "attention of every sequence of a step over the flat KV slots",
         py::call_guard<py::gil_scoped_release>());

@@ -242,7 +242,9 @@ class LlamaModel:
         return min(lw.qkv.int8_max_rows, lw.o.int8_max_rows, lw.gate_up.int8_max_rows, lw.down.int8_max_rows)
 
     def _native_attention_fits(self, meta: AttentionMetadata, cache: KVCache) -> bool:
-        return (self.native is not None and cache.k.dtype in NATIVE_KV_DTYPES
+        c = self.config
+        return (self.native is not None and cache.k.dtype in NATIVE_KV_DTYPES and cache.k.device.type == "cpu"
+                and c.num_heads // c.num_kv_heads <= self.native.MAX_GROUP
                 and meta.max_q_len <= NATIVE_ATTENTION_MAX_Q)
 
     def _calibrate_hybrid(self) -> None:
