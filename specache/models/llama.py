@@ -77,12 +77,13 @@ class Projection:
     dense: W in the model dtype; fp32 pre-transposed [in, out] (``x @ W_t`` reads ~2x faster than
       F.linear on CPU), bf16 as [out, in] for F.linear (on AVX2 CPUs a bf16 ``x @ W_t`` takes a
       slow path: 170 ms instead of 3 ms for the LM head).
-    int8: weight-only int8, one scale per output row: specache's native kernel (fp32 activations)
-      where it is built, else PyTorch's CPU int8-weight kernel, which takes bf16 activations (fp32
-      ones are 5-10x slower). 2-3x faster than fp32 for 1-8 rows, slower for big batches.
+    int8: weight-only int8, one scale per output row. Where the native kernels are built:
+      an AVX-512 GEMV below 5 rows and, on AMX CPUs, a second copy of the weights in AMX tile
+      order (``packed``, the same size again) for 5 rows and more; else PyTorch's CPU
+      int8-weight kernel (bf16 activations). 2-3x faster than fp32 for 1-8 rows.
     hybrid: both copies; int8 up to ``int8_max_rows`` rows (decode), dense above (prefill). The
-      switch point depends on the CPU (8 rows with AVX512-BF16, 16-64 on AVX2), so
-      `calibrate_int8_max_rows` measures it when the model loads.
+      switch point depends on the CPU and the kernels (32 rows with AMX here, 8 with PyTorch's
+      kernel on AVX512-BF16, 16-64 on AVX2), so `calibrate_int8_max_rows` measures it at load.
     """
 
     __slots__ = ("dense", "dense_t", "q", "scales", "scales_f32", "packed", "native", "int8_max_rows")
