@@ -174,26 +174,34 @@ inline void widen_tile(const int8_t* src, __m512bh* dst) {
   }
 }
 
-// y[m, n0 .. n0 + 16 * blocks) for m <= 16 rows of bf16 activations xb (row stride k).
+// y[r0 .. r0 + rows, n0 .. n0 + 16 * Blocks) for rows <= 16 of bf16 activations xb (row stride k).
+// The B tiles come from `widened` (all K tiles of the group, widened once) or, when it is null,
+// are widened here on the fly from the packed int8 weights (one pass: decode-sized steps).
 template <int Blocks>
-void amx_blocks(const int8_t* packed, const float* scale, const at::BFloat16* xb, int64_t m, int64_t k,
-                int64_t n, int64_t block0, float* y) {
+void amx_chunk(const int8_t* packed, const __m512bh* widened, const float* scale, const at::BFloat16* xb,
+               int64_t r0, int64_t rows, int64_t k, int64_t n, int64_t block0, float* y) {
   const int64_t kb_count = k / kTileK;
   alignas(64) __m512bh b_tile[16];
   alignas(64) float c_out[16 * kTileN];
+  amx_configure(rows);
   _tile_zero(0);
   if (Blocks > 1) _tile_zero(1);
   if (Blocks > 2) _tile_zero(2);
   if (Blocks > 3) _tile_zero(3);
   compiler_barrier();
   for (int64_t kb = 0; kb < kb_count; ++kb) {
-    _tile_loadd(4, xb + kb * kTileK, k * 2);
+    _tile_loadd(4, xb + r0 * k + kb * kTileK, k * 2);
     for (int b = 0; b < Blocks; ++b) {
-      const int8_t* tile = packed + ((block0 + b) * kb_count + kb) * kTileBytes;
-      for (int line = 0; line < kTileBytes; line += 64) _mm_prefetch(tile + 4 * kTileBytes + line, _MM_HINT_T0);
-      widen_tile(tile, b_tile);
+      const __m512bh* src = b_tile;
+      if (widened != nullptr) {
+        src = widened + (b * kb_count + kb) * 16;
+      } else {
+        const int8_t* tile = packed + ((block0 + b) * kb_count + kb) * kTileBytes;
+        for (int line = 0; line < kTileBytes; line += 64) _mm_prefetch(tile + 4 * kTileBytes + line, _MM_HINT_T0);
+        widen_tile(tile, b_tile);
+      }
       compiler_barrier();
-      _tile_loadd(5, b_tile, 64);
+      _tile_loadd(5, src, 64);
       // Tile numbers must be immediates.
       if (b == 0) _tile_dpbf16ps(0, 4, 5);
       if (b == 1) _tile_dpbf16ps(1, 4, 5);
@@ -208,33 +216,52 @@ void amx_blocks(const int8_t* packed, const float* scale, const at::BFloat16* xb
     if (b == 3) _tile_stored(3, c_out, 64);
     compiler_barrier();
     const int64_t n0 = (block0 + b) * kTileN;
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t j = 0; j < kTileN; ++j) y[r * n + n0 + j] = c_out[r * kTileN + j] * scale[n0 + j];
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < kTileN; ++j) y[(r0 + r) * n + n0 + j] = c_out[r * kTileN + j] * scale[n0 + j];
   }
 }
 
-// y[M, N] = x[M, K] @ (w * scale)^T with packed weights; any M (chunks of 16 rows).
+// All rows for one group of Blocks output blocks. Above 16 rows the group's weights are widened
+// once into `scratch` and reused by every 16-row chunk (a prefill chunk would otherwise widen
+// every weight once per 16 rows).
+template <int Blocks>
+void amx_group(const int8_t* packed, const float* scale, const at::BFloat16* xb, int64_t m, int64_t k, int64_t n,
+               int64_t block0, float* y, std::vector<__m512bh>& scratch) {
+  const __m512bh* widened = nullptr;
+  if (m > 16) {
+    const int64_t kb_count = k / kTileK;
+    scratch.resize(Blocks * kb_count * 16);
+    for (int b = 0; b < Blocks; ++b)
+      for (int64_t kb = 0; kb < kb_count; ++kb)
+        widen_tile(packed + ((block0 + b) * kb_count + kb) * kTileBytes, scratch.data() + (b * kb_count + kb) * 16);
+    widened = scratch.data();
+  }
+  for (int64_t r0 = 0; r0 < m; r0 += 16)
+    amx_chunk<Blocks>(packed, widened, scale, xb, r0, std::min<int64_t>(16, m - r0), k, n, block0, y);
+}
+
+// y[M, N] = x[M, K] @ (w * scale)^T with packed weights, any M.
 void amx_gemm(const int8_t* packed, const float* scale, const float* x, int64_t m, int64_t k, int64_t n, float* y) {
   std::vector<at::BFloat16> xb(m * k);
-  for (int64_t i = 0; i < m * k; ++i) xb[i] = static_cast<at::BFloat16>(x[i]);
+  at::parallel_for(0, m * k, 1 << 16, [&](int64_t b, int64_t e) {
+    int64_t i = b;
+    for (; i + 16 <= e; i += 16)  // round to nearest even, as the scalar conversion does
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+    for (; i < e; ++i) xb[i] = static_cast<at::BFloat16>(x[i]);
+  });
   const int64_t groups = (n / kTileN + kAmxBlocks - 1) / kAmxBlocks;
   at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
-    for (int64_t r0 = 0; r0 < m; r0 += 16) {
-      const int64_t rows = std::min<int64_t>(16, m - r0);
-      amx_configure(rows);
-      for (int64_t g = gb; g < ge; ++g) {
-        const int64_t block0 = g * kAmxBlocks, blocks = std::min(kAmxBlocks, n / kTileN - block0);
-        const at::BFloat16* xr = xb.data() + r0 * k;
-        float* yr = y + r0 * n;
-        switch (blocks) {
-          case 1: amx_blocks<1>(packed, scale, xr, rows, k, n, block0, yr); break;
-          case 2: amx_blocks<2>(packed, scale, xr, rows, k, n, block0, yr); break;
-          case 3: amx_blocks<3>(packed, scale, xr, rows, k, n, block0, yr); break;
-          default: amx_blocks<4>(packed, scale, xr, rows, k, n, block0, yr); break;
-        }
+    std::vector<__m512bh> scratch;
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t block0 = g * kAmxBlocks, blocks = std::min(kAmxBlocks, n / kTileN - block0);
+      switch (blocks) {
+        case 1: amx_group<1>(packed, scale, xb.data(), m, k, n, block0, y, scratch); break;
+        case 2: amx_group<2>(packed, scale, xb.data(), m, k, n, block0, y, scratch); break;
+        case 3: amx_group<3>(packed, scale, xb.data(), m, k, n, block0, y, scratch); break;
+        default: amx_group<4>(packed, scale, xb.data(), m, k, n, block0, y, scratch); break;
       }
-      _tile_release();
     }
+    _tile_release();
   });
 }
 
