@@ -46,6 +46,8 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--backends", default="specache,transformers")
+    p.add_argument("--weight-format", default="dense", choices=["dense", "int8", "hybrid"],
+                   help="specache's weights (make run serves hybrid)")
     p.set_defaults(func=_cli)
 
 
@@ -162,9 +164,10 @@ def specache_serve_command(model_dir: Path, port: int, served_name: str, dtype: 
             "--served-model-name", served_name, "--dtype", dtype, "--log-level", "warning", *extra]
 
 
-def _server_cmd(backend: str, model_dir: Path, dtype: str, port: int) -> list[str]:
+def _server_cmd(backend: str, model_dir: Path, dtype: str, port: int, weight_format: str = "dense") -> list[str]:
     if backend == "specache":
-        return specache_serve_command(model_dir, port, "bench", dtype, "--no-response-cache")
+        return specache_serve_command(model_dir, port, "bench", dtype, "--no-response-cache",
+                                      "--weight-format", weight_format)
     return [sys.executable, "-m", "specache.bench.serve", "--hf-server", str(model_dir), str(port), dtype]
 
 
@@ -235,7 +238,8 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for backend in args.backends.split(","):
         port = _free_port()
-        proc = _start(_server_cmd(backend, model_dir, args.dtype, port), port, out / f"serve-{backend}.log")
+        cmd = _server_cmd(backend, model_dir, args.dtype, port, args.weight_format)
+        proc = _start(cmd, port, out / f"serve-{backend}.log")
         try:
             for c in levels:
                 n = args.requests or max(8, 2 * c)
@@ -249,6 +253,7 @@ def run(args: argparse.Namespace) -> dict:
         "suite": "serve",
         "model": str(model_dir),
         "dtype": args.dtype,
+        "weight_format": args.weight_format,
         "max_tokens": args.max_tokens,
         "environment": environment(),
         "rows": rows,
