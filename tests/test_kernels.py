@@ -45,9 +45,8 @@ def test_int8_linear_matches_float64(native, rows, n, k):
 
 
 def test_int8_linear_rows_do_not_depend_on_the_batch(native):
-    """Within one path (here the AVX-512 GEMV, no packed copy) each row is summed in the same order
-    whatever the batch. (Across the 4 -> 5 row switch to AMX the summation order changes, so there
-    a row can differ in the last bits.)"""
+    """The AVX-512 GEMV (no packed copy: CPUs without AMX) sums each row in the same order whatever
+    the batch, so verifying K drafts in one pass gives the logits of decoding them one at a time."""
     q, scale = _quantize(torch.randn(300, 576))
     x = torch.randn(7, 576)
     together = native.int8_linear(x, q, scale)
@@ -148,8 +147,8 @@ def test_without_native_kernels_the_model_falls_back_to_pytorch(tiny_model_dir, 
 
 
 def test_amx_path_matches_bf16_activations_and_is_batch_invariant(native):
-    """From 5 rows the packed (AMX) path multiplies bf16-rounded activations; below it the AVX-512
-    path rounds them the same way, so a row's result hardly depends on its batch."""
+    """With a packed copy every row count runs on AMX with bf16-rounded activations, and a row's
+    result is bit-for-bit the same whatever its batch (greedy spec == plain on int8 weights)."""
     torch.manual_seed(7)
     x = torch.randn(40, 576)
     for n in (16, 80, 96, 112):  # 1, 5, 6, 7 output blocks: every tail of the 4-block groups
@@ -158,12 +157,13 @@ def test_amx_path_matches_bf16_activations_and_is_batch_invariant(native):
         if packed.numel() == 0:
             pytest.skip("this CPU has no AMX-BF16")
         expected = x.bfloat16().double() @ (q.double() * scale.double()[:, None]).t()
-        for rows in (1, 4, 5, 16, 17, 40):  # both paths, one and several 16-row tiles
+        for rows in (1, 4, 5, 16, 17, 40):  # one and several 16-row tiles
             got = native.int8_linear(x[:rows], q, scale, packed)
             torch.testing.assert_close(got.double(), expected[:rows], rtol=1e-5, atol=1e-4)
-    together = native.int8_linear(x[:16], q, scale, packed)
-    for i in range(16):
-        assert torch.equal(native.int8_linear(x[:16].roll(-i, 0)[:8], q, scale, packed)[0], together[i])
+    together = native.int8_linear(x, q, scale, packed)  # 40 rows: three tiles
+    for i in range(40):
+        assert torch.equal(native.int8_linear(x[i: i + 1], q, scale, packed)[0], together[i])
+        assert torch.equal(native.int8_linear(x.roll(-i, 0)[:5], q, scale, packed)[0], together[i])
 
 
 def test_amx_pack_leaves_untileable_shapes_alone(native):

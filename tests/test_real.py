@@ -105,3 +105,24 @@ def test_greedy_speculative_output_equals_plain_on_the_real_model(real_model_dir
         assert spec.engine.pool.all_free()
     if method in ("ngram", "auto"):  # the copy prompt must actually exercise multi-token acceptance
         assert outs[0].metrics["spec_accepted_tokens"] > 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "lookahead", "auto"])
+def test_greedy_speculative_output_equals_plain_with_int8_weights_in_bf16(real_model_dir, method):
+    """On the native int8 path every row is computed by the same instructions whatever its batch,
+    so exactness holds in bf16 with int8 weights too, not only in fp32."""
+    from specache import LLM
+
+    options = dict(model=str(real_model_dir), dtype="bfloat16", weight_format="int8", kv_cache_memory="256MiB")
+    params = SamplingParams(max_tokens=48, temperature=0)
+    with LLM(**options) as plain_llm:
+        record = "Order 8812: 3 x USB-C cable (2 m), 1 x 65 W charger, ship to 14 Rue de Rivoli, Paris."
+        prompts = [_chat_ids(plain_llm, f"Repeat this order exactly, then summarise it:\n\n{record}"),
+                   _chat_ids(plain_llm, "Describe a sunrise over the sea."),
+                   _chat_ids(plain_llm, "List five prime numbers and explain why each is prime.")]
+        plain = [o.token_ids for o in plain_llm.generate(prompts, params)]
+    with LLM(**options, speculative=method, num_spec_tokens=4, spec_adaptive=False) as spec:
+        outs = spec.generate(prompts, params)
+        assert [o.token_ids for o in outs] == plain
+        assert spec.engine.pool.all_free()
+    assert sum(o.metrics["spec_accepted_tokens"] for o in outs) > 0

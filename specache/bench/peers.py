@@ -158,7 +158,7 @@ def _write_docs(docs: Path, table: str, out: Path) -> None:
             "time, so its concurrent rows are sequential (the llama.cpp server with parallel slots would "
             "batch). On CPUs with AMX it is loaded without ggml's extra buffer types: their AMX kernels "
             "die with SIGILL on this project's VMs. `specache int8+bf16` is `weight_format=\"hybrid\"`: "
-            "int8 weights through specache's native kernels (AVX-512 GEMV for 1-4 rows, AMX tiles from 5, a "
+            "int8 weights through specache's native kernels (widened to bf16 AMX tiles on the fly, a "
             "whole decode step in one native call) up to a row count calibrated at load (32 on this VM), the "
             "dense bf16 weights for longer prefill chunks.\n\n"
             f"Raw JSON: `{out}/peers.json`.\n")

@@ -49,6 +49,8 @@ GROUNDED = ["code edit", "summarise with quotes", "extract fields", "multi-turn 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--weight-format", default="dense", choices=["dense", "int8", "hybrid"],
+                   help="the target's weights (plain decode runs on the same)")
     p.add_argument("--methods", default="ngram,lookahead,layer-skip:8,quantized,auto,draft")
     p.add_argument("--temperatures", default="0,0.7")
     p.add_argument("--batches", default="1,4,16", help="batch sizes for the batch study (ngram vs plain)")
@@ -96,11 +98,12 @@ def make_truncated_draft(model_dir: Path, layers: int, out: Path) -> Path:
     return out
 
 
-def _ours(model, dtype, method, k):
+def _ours(model, dtype, method, k, weight_format="dense"):
     from specache import LLM
 
     spec = None if method == "plain" else method
-    return LLM(model=model, dtype=dtype, speculative=spec, num_spec_tokens=k, kv_cache_memory="1GiB")
+    return LLM(model=model, dtype=dtype, speculative=spec, num_spec_tokens=k, kv_cache_memory="1GiB",
+               weight_format=weight_format)
 
 
 def _time_ours(llm, prompts, params, repeats):
@@ -143,9 +146,10 @@ def run(args: argparse.Namespace) -> dict:
     rows, batch_rows = [], []
     plain_tps: dict[tuple[str, float], float] = {}
     plain_out: dict[str, list] = {}
-    plain_llm = _ours(str(model_dir), args.dtype, "plain", args.num_spec_tokens)
+    plain_llm = _ours(str(model_dir), args.dtype, "plain", args.num_spec_tokens, args.weight_format)
     for method in tqdm(methods, desc="bench spec", unit="method"):
-        llm = plain_llm if method == "plain" else _ours(str(model_dir), args.dtype, method, args.num_spec_tokens)
+        llm = plain_llm if method == "plain" else _ours(str(model_dir), args.dtype, method, args.num_spec_tokens,
+                                                        args.weight_format)
         tok = llm.tokenizer
         for temp in [float(t) for t in args.temperatures.split(",")]:
             params = SamplingParams(max_tokens=args.new_tokens, temperature=temp, seed=0)

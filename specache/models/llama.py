@@ -78,8 +78,8 @@ class Projection:
       F.linear on CPU), bf16 as [out, in] for F.linear (on AVX2 CPUs a bf16 ``x @ W_t`` takes a
       slow path: 170 ms instead of 3 ms for the LM head).
     int8: weight-only int8, one scale per output row. Where the native kernels are built:
-      an AVX-512 GEMV below 5 rows and, on AMX CPUs, a second copy of the weights in AMX tile
-      order (``packed``, the same size again) for 5 rows and more; else PyTorch's CPU
+      on AMX CPUs a second copy of the weights in AMX tile order (``packed``, the same size
+      again) for every row count, elsewhere an AVX-512 GEMV; without them PyTorch's CPU
       int8-weight kernel (bf16 activations). 2-3x faster than fp32 for 1-8 rows.
     hybrid: both copies; int8 up to ``int8_max_rows`` rows (decode), dense above (prefill). The
       switch point depends on the CPU and the kernels (32 rows with AMX here, 8 with PyTorch's
