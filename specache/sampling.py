@@ -132,6 +132,8 @@ def logits_to_probs(
             if p.has_penalties:
                 apply_penalties(logits[i], p, prompt_ids[i] if prompt_ids else [],
                                 output_ids[i] if output_ids else [])
+    if all(p.greedy for p in params):  # one-hot rows only: skip the softmax they would discard
+        return torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
     device = logits.device
     greedy = torch.tensor([p.greedy for p in params], device=device)
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
