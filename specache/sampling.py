@@ -133,7 +133,7 @@ def logits_to_probs(
                 apply_penalties(logits[i], p, prompt_ids[i] if prompt_ids else [],
                                 output_ids[i] if output_ids else [])
     if all(p.greedy for p in params):  # one-hot rows only: skip the softmax they would discard
-        return torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        return _one_hot_argmax(logits)
     device = logits.device
     greedy = torch.tensor([p.greedy for p in params], device=device)
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
@@ -145,9 +145,13 @@ def logits_to_probs(
         logits = _top_k_top_p_min_p(logits, top_k, top_p, min_p)
     probs = logits.softmax(dim=-1)
     if greedy.any():
-        one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-        probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
+        probs = torch.where(greedy.unsqueeze(1), _one_hot_argmax(logits), probs)
     return probs
+
+
+def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[N, V] rows of 0 with a 1 at each row's argmax (a greedy row's distribution)."""
+    return torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

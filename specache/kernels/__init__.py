@@ -3,7 +3,7 @@ step, RMSNorm / SwiGLU rows), built on first use. What each does: the header of 
 
 The extension is compiled once per machine and Python environment with ``-march=native`` (into
 ``<venv>/var/specache-kernels``); later processes load the built library in milliseconds. Where no
-compiler is available the model keeps PyTorch's own kernels (``available()`` is False) and says so
+compiler is available the model keeps PyTorch's own kernels (``load()`` returns None) and says so
 once in the log: the kernels are a speed-up, never a requirement.
 """
 
@@ -61,7 +61,3 @@ def load() -> ModuleType | None:
         reason = (str(e).splitlines() or [repr(e)])[0][:200]
         log.warning("native CPU kernels unavailable (%s); using PyTorch kernels", reason)
         return None
-
-
-def available() -> bool:
-    return load() is not None
