@@ -63,9 +63,32 @@ def test_prefill_and_32_decode_steps_match_transformers(fixture, request):
         assert (logits - ref).abs().max().item() < TOL
 
 
-def test_mixed_batch_of_prefills_and_decodes_matches_transformers(tiny_model_dir):
+ATTENTION_PATHS = ["native", "per-sequence", "batched"]
+
+
+def _use_attention(model: LlamaModel, path: str, monkeypatch) -> list[int]:
+    """Pin the attention path: the native kernel (where built), one SDPA per sequence, or one padded
+    SDPA for the whole batch (CUDA's path, checked here on the CPU). Returns a count of the batched
+    calls, so a test sees that its path ran."""
+    if path != "native":
+        model.native = None
+    model.batched_attention = path == "batched"
+    calls = [0]
+    batched = model._batched_attention
+
+    def counted(*args):
+        calls[0] += 1
+        return batched(*args)
+
+    monkeypatch.setattr(model, "_batched_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("path", ATTENTION_PATHS)
+def test_mixed_batch_of_prefills_and_decodes_matches_transformers(tiny_model_dir, path, monkeypatch):
     """Sequences of different lengths, some prefilling (with a cached prefix) and some decoding."""
     runner, pool, hf = _setup(tiny_model_dir)
+    batched_calls = _use_attention(runner.model, path, monkeypatch)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 49152, (n,), generator=gen).tolist() for n in (5, 17, 9, 30)]
     seqs = [_seq(i, p) for i, p in enumerate(prompts)]
@@ -80,6 +103,30 @@ def test_mixed_batch_of_prefills_and_decodes_matches_transformers(tiny_model_dir
         ref = _hf_logits(hf, s.tokens)[d:]
         assert lg.shape == ref.shape
         assert (lg - ref).abs().max().item() < TOL
+    assert (batched_calls[0] > 0) == (path == "batched")
+
+
+@pytest.mark.parametrize("path", ATTENTION_PATHS)
+def test_a_batch_of_decodes_over_scattered_blocks_matches_transformers(tiny_model_dir, path, monkeypatch):
+    runner, pool, hf = _setup(tiny_model_dir)
+    batched_calls = _use_attention(runner.model, path, monkeypatch)
+    gen = torch.Generator().manual_seed(4)
+    seqs = [_seq(i, torch.randint(0, 49152, (n,), generator=gen).tolist()) for i, n in enumerate((3, 22, 9, 14))]
+    for _ in range(pool.blocks_needed(22 + 8)):  # one block each in turn: the sequences' blocks interleave
+        for s in seqs:
+            if len(s.block_table) < pool.blocks_needed(s.num_tokens + 8):
+                s.block_table += pool.allocate(1)
+    logits = runner.run([BatchItem(s, s.tokens, 0, 1) for s in seqs])
+    for s in seqs:
+        s.num_computed = s.num_tokens
+    for _ in range(3):
+        for s, lg in zip(seqs, logits, strict=True):
+            s.append(int(lg[-1].argmax()))
+        logits = runner.run([BatchItem(s, [s.tokens[-1]], s.num_tokens - 1, 1) for s in seqs])
+        for s, lg in zip(seqs, logits, strict=True):
+            s.num_computed = s.num_tokens
+            assert (lg - _hf_logits(hf, s.tokens)[-1:]).abs().max().item() < TOL
+    assert (batched_calls[0] > 0) == (path == "batched")
 
 
 def _prefill_then_decode(model: LlamaModel, prompt: list[int], steps: int,

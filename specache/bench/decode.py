@@ -14,6 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--weight-format", default="dense", choices=["dense", "int8", "hybrid"])
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto (both engines run there)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16)
@@ -21,12 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from specache.config import DTYPES
+    from specache.config import DTYPES, resolve_device
 
-    ours = SpecacheEngine(args.model, args.dtype, weight_format=args.weight_format)
+    device = resolve_device(args.device)
+    ours = SpecacheEngine(args.model, args.dtype, weight_format=args.weight_format, device=str(device))
     engines = [ours]
     if not args.no_transformers:
-        engines.append(TransformersEngine(ours.llm.loaded.path, DTYPES[args.dtype]))
+        engines.append(TransformersEngine(ours.llm.loaded.path, DTYPES[args.dtype], device=device))
     tok = ours.llm.tokenizer
     workloads = {
         "single-stream decode": (text_prompts(tok, 1, 64, 64), args.new_tokens),
@@ -57,8 +59,8 @@ def run(args: argparse.Namespace) -> dict:
         rows.append(row)
     cols = ["workload"] + [f"{e.name} {u}" for e in engines for u in ("tok/s", "s")] + \
         (["speedup"] if len(engines) > 1 else [])
-    table = markdown_table(rows, cols) + f"\n\ndtype {args.dtype}, {args.repeats} interleaved repeats, medians; " \
-        f"peak RSS of the bench process {peak_rss_mib():.0f} MiB"
+    table = markdown_table(rows, cols) + f"\n\ndtype {args.dtype}, device {device}, " \
+        f"{args.repeats} interleaved repeats, medians; peak RSS of the bench process {peak_rss_mib():.0f} MiB"
     result = {"rows": rows, "raw": {f"{k[0]}|{k[1]}": v for k, v in times.items()}, "env": environment(),
               "args": vars(args) | {"func": None}}
     write_report(args.out, f"decode-{args.dtype}-{args.weight_format}", result, table)

@@ -45,11 +45,13 @@ class SpecacheEngine:
 class TransformersEngine:
     """transformers `generate`: a padded batch (left padding), optionally with prompt lookup."""
 
-    def __init__(self, model_dir, dtype: torch.dtype, name: str = "transformers", **generate_kwargs) -> None:
+    def __init__(self, model_dir, dtype: torch.dtype, name: str = "transformers", device: torch.device | str = "cpu",
+                 **generate_kwargs) -> None:
         from transformers import AutoModelForCausalLM
 
         self.name = name
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval().to(self.device)
         self.kwargs = generate_kwargs
 
     @torch.inference_mode()
@@ -58,8 +60,8 @@ class TransformersEngine:
             # transformers' assisted generation (prompt lookup included) takes batch size 1 only
             return sum(self.generate([p], new_tokens) for p in prompts)
         width = max(len(p) for p in prompts)
-        ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   do_sample=False, pad_token_id=2, **self.kwargs)
         return (out.shape[1] - width) * len(prompts)
