@@ -12,7 +12,7 @@ from specache.engine.runner import BatchItem
 from specache.engine.scheduler import SchedulerOutput
 from specache.engine.sequence import Sequence
 from specache.errors import ConfigError
-from specache.sampling import logits_to_probs
+from specache.sampling import logits_to_probs, sample_logits
 from specache.spec.base import DraftRequest, Proposer
 from specache.spec.controller import SpecController
 from specache.spec.verify import verify
@@ -206,25 +206,41 @@ class SpecDecoder:
                drafts: list[list[int] | None]) -> list[list[int] | None]:
         rows = [(i, it, lg, drafts[i] or []) for i, (it, lg) in enumerate(zip(items, logits, strict=True))
                 if lg is not None]
+        out: list[list[int] | None] = [None] * len(items)
+        observe = getattr(self.proposer, "observe", None)
+        # Rows without a draft (speculation off, nothing to propose) sample as plain decoding does:
+        # on a fast target the one-hot probabilities and the verifier's bookkeeping cost ~5% of a step.
+        undrafted = [r for r in rows if not r[3]]
+        if undrafted:
+            tokens = sample_logits(torch.cat([lg for _, _, lg, _ in undrafted]),
+                                   [it.seq.params for _, it, _, _ in undrafted],
+                                   [it.seq.prompt_ids for _, it, _, _ in undrafted],
+                                   [it.seq.output_ids for _, it, _, _ in undrafted],
+                                   [it.seq.generator for _, it, _, _ in undrafted])
+            for (i, it, _, _), token in zip(undrafted, tokens, strict=True):
+                out[i] = [token]
+                self._draft_probs.pop(it.seq.seq_id, None)
+                if observe is not None:  # no draft, no trajectory: the Jacobi guess starts over
+                    observe(it.seq.seq_id, [], [], 0)
+        rows = [r for r in rows if r[3]]
+        if not rows:
+            return out
         target_probs = self._target_probs(rows)
         seqs = [it.seq for _, it, _, _ in rows]
         draft_probs = [self._draft_probs.pop(it.seq.seq_id, None) for _, it, _, _ in rows]
         results = verify([d for *_, d in rows], draft_probs, target_probs, [s.params for s in seqs],
                          [s.generator for s in seqs])
-        out: list[list[int] | None] = [None] * len(items)
-        observe = getattr(self.proposer, "observe", None)
         for (i, it, _, draft), res, p in zip(rows, results, target_probs, strict=True):
             out[i] = list(res.tokens)
             if observe is not None:  # Jacobi-style proposers learn from the target's predictions
                 observe(it.seq.seq_id, draft, p.argmax(dim=-1).tolist(), res.num_accepted)
-            if draft:
-                seq = it.seq
-                seq.spec_drafted += len(draft)
-                seq.spec_accepted += res.num_accepted
-                seq.spec_steps += 1
-                self.controller.record(self._key(seq.seq_id, self._free_draft.pop(seq.seq_id, False)), len(draft),
-                                       res.num_accepted)
-                self.proposer.on_verified(seq.seq_id, res.num_accepted)
+            seq = it.seq
+            seq.spec_drafted += len(draft)
+            seq.spec_accepted += res.num_accepted
+            seq.spec_steps += 1
+            self.controller.record(self._key(seq.seq_id, self._free_draft.pop(seq.seq_id, False)), len(draft),
+                                   res.num_accepted)
+            self.proposer.on_verified(seq.seq_id, res.num_accepted)
         return out
 
     def _target_probs(self, rows) -> list[torch.Tensor]:
