@@ -65,6 +65,25 @@ def test_auto_drafts_by_lookup_on_copies_and_by_the_int8_model_elsewhere(tiny_mo
     assert llm.engine.pool.all_free()
 
 
+@pytest.mark.parametrize("weight_format", ["int8", "hybrid"])
+def test_an_int8_target_has_no_int8_self_draft(tiny_model_dir, weight_format):
+    """Its int8 draft would be the target itself at the target's cost: 'quantized' is refused with a
+    clear error and 'auto' drafts by prompt lookup alone."""
+    from specache.errors import ConfigError
+    from specache.spec.ngram import NgramProposer
+
+    with pytest.raises(ConfigError, match="quantized"):
+        LLM(model=str(tiny_model_dir), dtype="float32", weight_format=weight_format, speculative="quantized")
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", weight_format=weight_format, speculative="auto",
+              num_spec_tokens=4, spec_adaptive=False)
+    assert isinstance(llm.engine.spec.proposer, NgramProposer)
+    outputs = [o.token_ids for o in llm.generate(_prompts(), GREEDY)]
+    assert llm.engine.spec.stats()["accepted_tokens"] > 0
+    if weight_format == "int8":  # hybrid switches weights by row count, so only int8 rows are batch-invariant
+        plain = LLM(model=str(tiny_model_dir), dtype="float32", weight_format=weight_format)
+        assert outputs == [o.token_ids for o in plain.generate(_prompts(), GREEDY)]
+
+
 def test_ngram_accepts_on_repetitive_text_and_reports_metrics(tiny_model_dir):
     llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="ngram", num_spec_tokens=4, spec_adaptive=False)
     out = llm.generate([_prompts()[0]], GREEDY)[0]

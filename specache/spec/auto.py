@@ -1,5 +1,6 @@
 """`auto`: prompt lookup where the output is copying its context, the target's int8 self-draft
-everywhere else.
+everywhere else (on a dense target: an int8 or hybrid target already decodes with the int8
+weights, so there `auto` is prompt lookup alone, see build_proposer).
 
 Prompt lookup is nearly free and accepted almost always while a model quotes, edits or repeats
 its input, but has nothing to offer on open-ended text; the quantized self-draft costs a pass of

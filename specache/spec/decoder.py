@@ -28,6 +28,10 @@ def build_proposer(engine, method: str) -> Proposer:
     if method == "auto":
         from specache.spec.auto import AutoProposer
 
+        if engine.config.weight_format != "dense":
+            # An int8 self-draft of a target that already decodes with int8 weights is the target
+            # itself, at the target's cost: auto is its prompt lookup alone there.
+            return NgramProposer(max_ngram=4, min_ngram=3, name="auto")
         return AutoProposer(_quantized_proposer(engine))
     if method == "lookahead":
         from specache.spec.lookahead import LookaheadProposer
@@ -40,6 +44,10 @@ def build_proposer(engine, method: str) -> Proposer:
 
         return SelfDraftProposer(engine.runner, engine.live_seqs, num_layers=n)
     if method == "quantized":
+        if engine.config.weight_format != "dense":
+            raise ConfigError(f"speculative='quantized' drafts with the int8 weights that a "
+                              f"weight_format={engine.config.weight_format!r} target already decodes with: "
+                              "the draft would cost a full step; use a dense target, or ngram/lookahead/auto")
         return _quantized_proposer(engine)
     if method.startswith("draft:"):
         return _model_proposer(engine, method.split(":", 1)[1])
