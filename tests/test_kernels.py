@@ -97,7 +97,12 @@ def test_paged_attention_matches_sdpa_on_a_mixed_batch(native, cache_dtype, nh, 
                              seqs=[SeqAttention(s, n, slots, None) for s, n, slots in seqs])
     info, slots = meta.kernel_args
     got = native.paged_attention(q, k_slots, v_slots, info, slots, d ** -0.5)
-    torch.testing.assert_close(got, _reference_attention(q, k_slots, v_slots, seqs), rtol=1e-4, atol=1e-5)
+    if cache_dtype == torch.float32:
+        torch.testing.assert_close(got, _reference_attention(q, k_slots, v_slots, seqs), rtol=1e-4, atol=1e-5)
+    else:  # bf16 dot products: the scaled queries and the probabilities are rounded to bf16
+        scale = d ** -0.5
+        rounded_q = (q * scale).bfloat16().float() / scale
+        torch.testing.assert_close(got, _reference_attention(rounded_q, k_slots, v_slots, seqs), rtol=1e-2, atol=5e-3)
 
 
 def test_kernel_args_cover_contiguous_and_scattered_slots():
@@ -246,6 +251,8 @@ def test_fused_step_matches_pytorch_on_the_same_dequantized_weights(native, tmp_
         monkeypatch.delenv(kernels.DISABLE_ENV)
         kernels.load.cache_clear()
     assert got.shape == want.shape == (10, loaded.config.vocab_size)
-    # bf16-rounded activations into the int8 matmuls (and a bf16 cache) are the only differences
+    # bf16-rounded activations into the int8 matmuls (and a bf16 cache) are the only differences;
+    # with a bf16 cache the attention's dot products also round the queries and probabilities to
+    # bf16 (measured: 0.68% / 1.02% of the spread for fp32 / bf16 caches; 0.80% for bf16 before)
     spread = (want.max(dim=-1).values - want.min(dim=-1).values)[:, None]
-    assert ((got - want).abs() / spread).max().item() < 0.01
+    assert ((got - want).abs() / spread).max().item() < (0.01 if cache_dtype == torch.float32 else 0.015)

@@ -14,7 +14,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -402,8 +404,12 @@ void attend_group_fixed(const float* q, const T* k_base, const T* v_base, const 
   __m512 qv[G][C];
   for (int h = 0; h < G; ++h)
     for (int c = 0; c < C; ++c) qv[h][c] = _mm512_mul_ps(_mm512_loadu_ps(q + (h * C + c) * 16), _mm512_set1_ps(scale));
+  constexpr int kLines = (16 * C * static_cast<int>(sizeof(T)) + 63) / 64;  // cache lines per key
   for (int64_t j = 0; j < visible; ++j) {
     const T* key = k_base + slots[j] * slot_stride;
+    if (j + 16 < visible)  // the cache streams from memory: ask for a later key while this one is used
+      for (int line = 0; line < kLines; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(k_base + slots[j + 16] * slot_stride) + 64 * line, _MM_HINT_T0);
     __m512 kc[C];
     for (int c = 0; c < C; ++c) kc[c] = load16(key + c * 16, 0xFFFF);
     for (int h = 0; h < G; ++h) {
@@ -419,6 +425,9 @@ void attend_group_fixed(const float* q, const T* k_base, const T* v_base, const 
     for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < visible; ++j) {
     const T* value = v_base + slots[j] * slot_stride;
+    if (j + 16 < visible)
+      for (int line = 0; line < kLines; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(v_base + slots[j + 16] * slot_stride) + 64 * line, _MM_HINT_T0);
     __m512 vc[C];
     for (int c = 0; c < C; ++c) vc[c] = load16(value + c * 16, 0xFFFF);
     for (int h = 0; h < G; ++h) {
@@ -438,9 +447,131 @@ void attend_erased(const float* q, const void* k, const void* v, const int64_t* 
                               scores, out);
 }
 
+#ifdef __AVX512BF16__
+#define SPECACHE_AVX512BF16 1
+// s[j] = the sum of v[j]'s 16 lanes, for 16 vectors at once (~45 shuffles and adds instead of 16
+// horizontal reductions of ~8 dependent steps each).
+inline __m512 reduce16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of v[4i .. 4i + 3]
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // Sum the four 128-bit lanes of each u[i] into lane i of the result.
+  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+inline __m512bh load_bh(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+// attend_group for a bf16 cache with AVX512-BF16 dot products (bf16 pairs, fp32 accumulation),
+// G heads of 32 * C dims. Scores: the queries (scale folded in, rounded to bf16) against 16 keys at
+// a time, reduced together by reduce16. Softmax in fp32; the probabilities are rounded to bf16 in
+// place over their fp32 row (a bf16 row of n + 1 fits in the first half of an fp32 row of n) and
+// the denominator sums the rounded values, so the weights still sum to one. Values: each pair of
+// keys interleaved dimension by dimension, so one dot-product instruction adds both keys' terms.
+template <int G, int C>
+void attend_group_bf16(const float* q, const void* k_raw, const void* v_raw, const int64_t* slots, int64_t visible,
+                       int64_t slot_stride, float scale, float* scores, float* out) {
+  const auto* k_base = static_cast<const uint16_t*>(k_raw);
+  const auto* v_base = static_cast<const uint16_t*>(v_raw);
+  constexpr int D = 32 * C;
+  __m512bh qb[G][C];
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c)
+      qb[h][c] = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(q + h * D + c * 32 + 16), vscale),
+                                     _mm512_mul_ps(_mm512_loadu_ps(q + h * D + c * 32), vscale));
+  for (int64_t j0 = 0; j0 < visible; j0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, visible - j0));
+    const uint16_t* keys[16];
+    for (int i = 0; i < 16; ++i) keys[i] = k_base + slots[j0 + std::min(i, n - 1)] * slot_stride;
+    // The cache streams from memory: ask for the next block's keys while this one is multiplied.
+    for (int64_t i = j0 + 32; i < std::min(j0 + 48, visible); ++i)
+      for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(k_base + slots[i] * slot_stride + 32 * c),
+                                               _MM_HINT_T0);
+    for (int h = 0; h < G; ++h) {
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) {
+        acc[i] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[h][0], load_bh(keys[i]));
+        for (int c = 1; c < C; ++c) acc[i] = _mm512_dpbf16_ps(acc[i], qb[h][c], load_bh(keys[i] + 32 * c));
+      }
+      _mm512_mask_storeu_ps(scores + h * visible + j0, tail_mask(n), reduce16(acc));
+    }
+  }
+  float inv_total[G];
+  for (int h = 0; h < G; ++h) {
+    float* row = scores + h * visible;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < visible; j += 16)
+      vmax = _mm512_mask_max_ps(vmax, tail_mask(visible - j), vmax, _mm512_maskz_loadu_ps(tail_mask(visible - j), row + j));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    auto* probs = reinterpret_cast<uint16_t*>(row);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < visible; j += 16) {  // reads bytes 4j.., writes 2j..: never ahead of the reads
+      const __mmask16 m = tail_mask(visible - j);
+      const __m256i rounded =
+          (__m256i)_mm512_cvtneps_pbh(exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), mx)));
+      total = _mm512_mask_add_ps(total, m, total,
+                                 _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)));
+      _mm256_mask_storeu_epi16(probs + j, m, rounded);
+    }
+    if (visible % 2) probs[visible] = 0;  // the odd key's partner weighs nothing
+    inv_total[h] = 1.f / _mm512_reduce_add_ps(total);
+  }
+  const __m512i lo_pairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                            37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi_pairs = _mm512_add_epi16(lo_pairs, _mm512_set1_epi16(16));
+  __m512 acc[G][2 * C];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < 2 * C; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < visible; j += 2) {
+    const uint16_t* v0 = v_base + slots[j] * slot_stride;
+    const uint16_t* v1 = j + 1 < visible ? v_base + slots[j + 1] * slot_stride : nullptr;
+    for (int64_t i = j + 16; i < std::min(j + 18, visible); ++i)
+      for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(v_base + slots[i] * slot_stride + 32 * c),
+                                               _MM_HINT_T0);
+    __m512bh pairs[2 * C];  // [V[j][d], V[j+1][d]] for d in 16-dimension runs
+    for (int c = 0; c < C; ++c) {
+      const __m512i a = _mm512_loadu_si512(v0 + 32 * c);
+      const __m512i b = v1 != nullptr ? _mm512_loadu_si512(v1 + 32 * c) : _mm512_setzero_si512();
+      pairs[2 * c] = (__m512bh)_mm512_permutex2var_epi16(a, lo_pairs, b);
+      pairs[2 * c + 1] = (__m512bh)_mm512_permutex2var_epi16(a, hi_pairs, b);
+    }
+    for (int h = 0; h < G; ++h) {
+      int32_t pair;
+      std::memcpy(&pair, reinterpret_cast<const uint16_t*>(scores + h * visible) + j, sizeof(pair));
+      const __m512bh p = (__m512bh)_mm512_set1_epi32(pair);
+      for (int c = 0; c < 2 * C; ++c) acc[h][c] = _mm512_dpbf16_ps(acc[h][c], p, pairs[c]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < 2 * C; ++c)
+      _mm512_storeu_ps(out + h * D + c * 16, _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv_total[h])));
+}
+#endif
+
 // The register-resident version for 1-8 heads per KV head and head_dim 64 or 128; null otherwise.
 template <typename T>
 AttendFn fixed_attention(int64_t heads, int64_t d) {
+#ifdef SPECACHE_AVX512BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    static constexpr AttendFn bf16_d64[8] = {&attend_group_bf16<1, 2>, &attend_group_bf16<2, 2>,
+                                             &attend_group_bf16<3, 2>, &attend_group_bf16<4, 2>,
+                                             &attend_group_bf16<5, 2>, &attend_group_bf16<6, 2>,
+                                             &attend_group_bf16<7, 2>, &attend_group_bf16<8, 2>};
+    static constexpr AttendFn bf16_d128[4] = {&attend_group_bf16<1, 4>, &attend_group_bf16<2, 4>,
+                                              &attend_group_bf16<3, 4>, &attend_group_bf16<4, 4>};
+    if (d == 64 && heads >= 1 && heads <= 8) return bf16_d64[heads - 1];
+    if (d == 128 && heads >= 1 && heads <= 4) return bf16_d128[heads - 1];
+  }
+#endif
   static constexpr AttendFn by_d64[8] = {&attend_erased<T, 1, 4>, &attend_erased<T, 2, 4>, &attend_erased<T, 3, 4>,
                                          &attend_erased<T, 4, 4>, &attend_erased<T, 5, 4>, &attend_erased<T, 6, 4>,
                                          &attend_erased<T, 7, 4>, &attend_erased<T, 8, 4>};
