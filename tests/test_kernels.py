@@ -171,6 +171,30 @@ def test_amx_path_matches_bf16_activations_and_is_batch_invariant(native):
         assert torch.equal(native.int8_linear(x.roll(-i, 0)[:5], q, scale, packed)[0], together[i])
 
 
+def test_amx_prefill_sized_path_matches_and_agrees_with_the_decode_path(native):
+    """Above 16 rows the weights are widened once per call and multiplied in 32 x 32 blocks over
+    work units of 512 rows x 256 outputs: every row tail (a lone 16-row half, 17 rows), an odd
+    output-block count and a second unit in both directions, fp32 and bf16 activations. A row's
+    result is still bit-for-bit the one-row (decode) result."""
+    torch.manual_seed(8)
+    x = torch.randn(600, 576)
+    for n in (48, 272):  # 3 output blocks; 17 blocks = two column units, the last one odd
+        q, scale = _quantize(torch.randn(n, 576))
+        packed = native.amx_pack(q)
+        if packed.numel() == 0:
+            pytest.skip("this CPU has no AMX-BF16")
+        expected = x.bfloat16().double() @ (q.double() * scale.double()[:, None]).t()
+        for rows in (17, 31, 32, 33, 600):
+            got = native.int8_linear(x[:rows], q, scale, packed)
+            torch.testing.assert_close(got.double(), expected[:rows], rtol=1e-5, atol=1e-4)
+            got_bf16 = native.int8_linear(x[:rows].bfloat16(), q, scale, packed)
+            assert got_bf16.dtype == torch.bfloat16
+            torch.testing.assert_close(got_bf16.double(), expected[:rows], rtol=1e-2, atol=2e-2)
+        together = native.int8_linear(x, q, scale, packed)
+        for i in (0, 15, 16, 31, 511, 512, 599):
+            assert torch.equal(native.int8_linear(x[i: i + 1], q, scale, packed)[0], together[i])
+
+
 def test_amx_pack_leaves_untileable_shapes_alone(native):
     q, _ = _quantize(torch.randn(24, 40))  # N % 16 and K % 32 both off
     assert native.amx_pack(q).numel() == 0

@@ -1,7 +1,8 @@
 // CPU kernels for the decode step, where PyTorch's general kernels leave speed on the table:
 //  - int8_linear: y = x @ (q * scale)^T. On AMX CPUs the weights, re-laid once as AMX tiles
-//    (amx_pack), are widened to bf16 on the fly and multiplied on the tile unit; elsewhere an
-//    AVX-512 GEMV streams each int8 weight row once for all rows of x (memory speed).
+//    (amx_pack), are widened to bf16 on the fly and multiplied on the tile unit (above 16 rows:
+//    widened once per call, then 32 x 32 output blocks); elsewhere an AVX-512 GEMV streams each
+//    int8 weight row once for all rows of x (memory speed).
 //  - paged_attention: attention of every sequence of a step in one call, reading its K/V straight
 //    from the flat slot arrays (no gather copy, no per-sequence kernel launch).
 //  - FusedDecoder: a whole decode / verification step of the decoder layers in one call.
@@ -240,6 +241,134 @@ void amx_group(const int8_t* packed, const float* scale, const at::BFloat16* xb,
     amx_chunk<Blocks>(packed, widened, scale, xb, r0, std::min<int64_t>(16, m - r0), k, n, block0, y);
 }
 
+// ---------------------------------------------------------------- prefill-sized AMX GEMM
+// Above kAmxLargeRows rows (prefill chunks) the whole weight is widened to bf16 tiles once per call
+// (a small cost next to M rows of multiplies) and multiplied in 32 x 32 output blocks: two A tiles
+// (32 activation rows, read from L1) times two B tiles (32 outputs, from L2) into four C tiles, so
+// each tile load feeds two multiplies. The decode path (amx_gemm) instead streams the int8
+// weights once per call; here the activations are the bigger operand.
+constexpr int64_t kAmxLargeRows = 16;
+constexpr int64_t kLargeRowSpan = 512, kLargeColBlocks = 16;  // a work unit: rows x 16-output blocks
+
+void amx_configure_2x2(int64_t rows0, int64_t rows1) {
+  TileConfig cfg;
+  const int64_t rows[2] = {rows0, rows1};
+  for (int i = 0; i < 2; ++i) {
+    if (rows[i] == 0) continue;  // a tile with zero rows is unconfigured: never touched
+    cfg.rows[2 * i] = cfg.rows[2 * i + 1] = static_cast<uint8_t>(rows[i]);  // C tiles of this row half
+    cfg.colsb[2 * i] = cfg.colsb[2 * i + 1] = 64;
+    cfg.rows[4 + i] = static_cast<uint8_t>(rows[i]), cfg.colsb[4 + i] = 64;  // A tiles 4, 5
+  }
+  cfg.rows[6] = cfg.rows[7] = 16, cfg.colsb[6] = cfg.colsb[7] = 64;  // B tiles 6, 7
+  compiler_barrier();
+  _tile_loadconfig(&cfg);
+}
+
+template <typename Out>
+inline void store_scaled_row(const float* c, const float* scale, Out* y) {
+  const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(c), _mm512_loadu_ps(scale));
+  if constexpr (std::is_same_v<Out, float>) {
+    _mm512_storeu_ps(y, v);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+// One 32-row x (16 * Blocks)-output block; rows0 / rows1: the valid rows of each 16-row half.
+template <int Blocks, typename Out>
+void amx_block_2x2(const __m512bh* wide, const float* scale, const at::BFloat16* xb, int64_t r0, int64_t rows0,
+                   int64_t rows1, int64_t k, int64_t n, int64_t block0, Out* y) {
+  const int64_t kb_count = k / kTileK;
+  _tile_zero(0);
+  if (Blocks > 1) _tile_zero(1);
+  if (rows1) {
+    _tile_zero(2);
+    if (Blocks > 1) _tile_zero(3);
+  }
+  compiler_barrier();
+  const __m512bh* b0 = wide + block0 * kb_count * 16;
+  const __m512bh* b1 = b0 + kb_count * 16;
+  for (int64_t kb = 0; kb < kb_count; ++kb) {
+    _tile_loadd(4, xb + r0 * k + kb * kTileK, k * 2);
+    _tile_loadd(6, b0 + kb * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (Blocks > 1) {
+      _tile_loadd(7, b1 + kb * 16, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (rows1) {
+      _tile_loadd(5, xb + (r0 + 16) * k + kb * kTileK, k * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      if (Blocks > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  alignas(64) float c_out[16 * kTileN];
+  for (int t = 0; t < 4; ++t) {
+    const int64_t half = t / 2, block = t % 2, rows = half ? rows1 : rows0;
+    if (block >= Blocks || rows == 0) continue;
+    if (t == 0) _tile_stored(0, c_out, 64);
+    if (t == 1) _tile_stored(1, c_out, 64);
+    if (t == 2) _tile_stored(2, c_out, 64);
+    if (t == 3) _tile_stored(3, c_out, 64);
+    compiler_barrier();
+    const int64_t n0 = (block0 + block) * kTileN;
+    for (int64_t r = 0; r < rows; ++r) store_scaled_row(c_out + r * kTileN, scale + n0, y + (r0 + 16 * half + r) * n + n0);
+  }
+}
+
+// y[M, N] = xb[M, K] @ (w * scale)^T for M > kAmxLargeRows; `wide` is scratch for the bf16 weights.
+template <typename Out>
+void amx_gemm_large(const int8_t* packed, const float* scale, const at::BFloat16* xb, int64_t m, int64_t k, int64_t n,
+                    Out* y, std::vector<__m512bh>& wide) {
+  const int64_t kb_count = k / kTileK, blocks = n / kTileN, tiles = blocks * kb_count;
+  wide.resize(tiles * 16);
+  at::parallel_for(0, tiles, 64, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) widen_tile(packed + t * kTileBytes, wide.data() + t * 16);
+  });
+  // Work units of up to kLargeRowSpan rows x kLargeColBlocks output blocks: a unit's widened
+  // weights (<= 16 x K/32 tiles, 288 KB at K = 576) stay in L2 while its 32-row blocks pass over
+  // them, and each 32-row block's activations stay in L1 across the unit's outputs.
+  const int64_t row_units = (m + kLargeRowSpan - 1) / kLargeRowSpan;
+  const int64_t col_units = (blocks + kLargeColBlocks - 1) / kLargeColBlocks;
+  at::parallel_for(0, row_units * col_units, 1, [&](int64_t ub, int64_t ue) {
+    for (int64_t u = ub; u < ue; ++u) {
+      const int64_t row_end = std::min(m, (u / col_units + 1) * kLargeRowSpan);
+      const int64_t block_begin = (u % col_units) * kLargeColBlocks;
+      const int64_t block_end = std::min(blocks, block_begin + kLargeColBlocks);
+      for (int64_t r0 = (u / col_units) * kLargeRowSpan; r0 < row_end; r0 += 32) {
+        const int64_t rows0 = std::min<int64_t>(16, row_end - r0), rows1 = std::clamp<int64_t>(row_end - r0 - 16, 0, 16);
+        amx_configure_2x2(rows0, rows1);
+        for (int64_t b = block_begin; b < block_end; b += 2) {
+          if (b + 1 < block_end) {
+            amx_block_2x2<2>(wide.data(), scale, xb, r0, rows0, rows1, k, n, b, y);
+          } else {
+            amx_block_2x2<1>(wide.data(), scale, xb, r0, rows0, rows1, k, n, b, y);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+// The large path on a tensor: x [M, K] fp32 or bf16 -> [M, N] in x's dtype.
+torch::Tensor amx_linear_large(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
+                               int64_t n) {
+  // Scratch kept per calling thread: a fresh multi-MB buffer per call costs page faults every time.
+  thread_local std::vector<__m512bh> wide;
+  const auto xb = x.to(torch::kBFloat16).contiguous();
+  auto y = torch::empty({x.size(0), n}, x.options());
+  const auto* xp = xb.data_ptr<at::BFloat16>();
+  if (x.scalar_type() == torch::kFloat) {
+    amx_gemm_large(packed.data_ptr<int8_t>(), scale.data_ptr<float>(), xp, x.size(0), x.size(1), n,
+                   y.data_ptr<float>(), wide);
+  } else {
+    amx_gemm_large(packed.data_ptr<int8_t>(), scale.data_ptr<float>(), xp, x.size(0), x.size(1), n,
+                   y.data_ptr<at::BFloat16>(), wide);
+  }
+  return y;
+}
+
 // y[M, N] = x[M, K] @ (w * scale)^T with packed weights, any M.
 void amx_gemm(const int8_t* packed, const float* scale, const float* x, int64_t m, int64_t k, int64_t n, float* y) {
   std::vector<at::BFloat16> xb(m * k);
@@ -249,6 +378,10 @@ void amx_gemm(const int8_t* packed, const float* scale, const float* x, int64_t 
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
     for (; i < e; ++i) xb[i] = static_cast<at::BFloat16>(x[i]);
   });
+  if (m > kAmxLargeRows) {
+    thread_local std::vector<__m512bh> wide;
+    return amx_gemm_large(packed, scale, xb.data(), m, k, n, y, wide);
+  }
   const int64_t groups = (n / kTileN + kAmxBlocks - 1) / kAmxBlocks;
   at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
     std::vector<__m512bh> scratch;
@@ -315,6 +448,11 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
               q.sizes());
   TORCH_CHECK(q.scalar_type() == torch::kInt8 && scale.scalar_type() == torch::kFloat, "int8_linear: dtypes");
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous(), "int8_linear: q and scale must be contiguous");
+#ifdef SPECACHE_AMX
+  if (packed.has_value() && packed->numel() == q.numel() && x.size(0) > kAmxLargeRows &&
+      (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16))
+    return amx_linear_large(x, *packed, scale, q.size(0));
+#endif
   const auto xf = x.to(torch::kFloat).contiguous();
   auto y = torch::empty({xf.size(0), q.size(0)}, xf.options());
   const bool tiled = packed.has_value() && packed->numel() == q.numel();
