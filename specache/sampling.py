@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specache import kernels
 from specache.errors import InvalidSamplingParamsError
 
 # Temperatures below this are greedy (as in vLLM): dividing logits by ~1e-300 overflows to inf/NaN.
@@ -149,9 +150,17 @@ def logits_to_probs(
     return probs
 
 
+def argmax_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (the first on ties, as torch.argmax). The native kernel on fp32 CPU rows:
+    torch.argmax took 0.75 ms for 16 x 49k logits, ~3% of a 16-sequence decode step."""
+    native = kernels.load() if rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.dim() == 2 \
+        and rows.shape[1] > 0 else None
+    return native.argmax_rows(rows) if native is not None else rows.argmax(dim=-1)
+
+
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     """[N, V] rows of 0 with a 1 at each row's argmax (a greedy row's distribution)."""
-    return torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.zeros_like(logits).scatter_(1, argmax_rows(logits).unsqueeze(1), 1.0)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -169,7 +178,7 @@ def sample(probs: torch.Tensor, params: list[SamplingParams], generators: list[t
 
     Generators live on the CPU so a seed gives the same draws on any device; sampled rows are
     copied to the CPU once (the draw needs a host sync anyway)."""
-    out = probs.argmax(dim=-1).tolist()
+    out = argmax_rows(probs).tolist()
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         rows = probs[sampled].float().cpu() if probs.device.type != "cpu" else probs
@@ -184,5 +193,5 @@ def sample_logits(logits: torch.Tensor, params: list[SamplingParams], prompt_ids
     """One token per row of raw logits. An all-greedy batch without penalties (the common decode
     case) takes the argmax directly: softmax + one-hot over a 49k vocabulary cost ~1 ms a step."""
     if all(p.greedy and not p.has_penalties for p in params):
-        return logits.argmax(dim=-1).tolist()
+        return argmax_rows(logits).tolist()
     return sample(logits_to_probs(logits, params, prompt_ids, output_ids), params, generators)

@@ -195,6 +195,18 @@ def test_amx_prefill_sized_path_matches_and_agrees_with_the_decode_path(native):
             assert torch.equal(native.int8_linear(x[i: i + 1], q, scale, packed)[0], together[i])
 
 
+def test_argmax_rows_matches_torch_including_ties_and_tails(native):
+    torch.manual_seed(9)
+    for n in (1, 7, 16, 17, 49152):
+        x = torch.randn(13, n)
+        x[3] = 0.0  # all tied: the first index
+        x[4, n // 2:] = x[4].max() + 1  # a tied run: its first index
+        x[5] = float("-inf")
+        assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
+    with pytest.raises(RuntimeError, match="argmax_rows"):
+        native.argmax_rows(torch.randn(2, 3).bfloat16())
+
+
 def test_amx_pack_leaves_untileable_shapes_alone(native):
     q, _ = _quantize(torch.randn(24, 40))  # N % 16 and K % 32 both off
     assert native.amx_pack(q).numel() == 0

@@ -1083,12 +1083,58 @@ torch::Tensor swiglu_rows(const torch::Tensor& gate_up) {
   return out;
 }
 
+// The index of each row's largest value (the first one on ties, as torch.argmax): greedy decoding
+// reads 16 x 49k logits a step, where torch.argmax ran at ~1 GB/s (0.75 ms).
+namespace {
+
+int64_t argmax_row(const float* x, int64_t n) {
+  int64_t j = 0, best = 0;
+  float best_value = -INFINITY;
+#ifdef SPECACHE_AVX512
+  if (n >= 16) {
+    __m512 vmax = _mm512_loadu_ps(x);
+    __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), cur = vidx;
+    const __m512i step = _mm512_set1_epi32(16);
+    for (j = 16; j + 16 <= n; j += 16) {
+      cur = _mm512_add_epi32(cur, step);
+      const __m512 v = _mm512_loadu_ps(x + j);
+      const __mmask16 greater = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);  // strict: a lane keeps its first max
+      vmax = _mm512_mask_mov_ps(vmax, greater, v);
+      vidx = _mm512_mask_mov_epi32(vidx, greater, cur);
+    }
+    best_value = _mm512_reduce_max_ps(vmax);
+    const __mmask16 at_max = _mm512_cmp_ps_mask(vmax, _mm512_set1_ps(best_value), _CMP_EQ_OQ);
+    best = _mm512_mask_reduce_min_epi32(at_max, vidx);
+  }
+#endif
+  for (; j < n; ++j)
+    if (x[j] > best_value) best_value = x[j], best = j;
+  return best;
+}
+
+}  // namespace
+
+torch::Tensor argmax_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.size(1) > 0 && x.size(1) < (1LL << 31),
+              "argmax_rows: x must be [rows, n] fp32");
+  const auto xc = x.contiguous();
+  auto out = torch::empty({xc.size(0)}, torch::kLong);
+  const float* xp = xc.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t n = xc.size(1);
+  at::parallel_for(0, xc.size(0), 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) op[r] = argmax_row(xp + r * n, n);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("int8_linear", &int8_linear, "y = x @ (q * scale)^T (AMX tiles with packed, else the AVX-512 GEMV)", py::arg("x"), py::arg("q"),
         py::arg("scale"), py::arg("packed") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_rows, "RMSNorm over the last dim", py::call_guard<py::gil_scoped_release>());
   m.def("swiglu", &swiglu_rows, "silu(gate) * up of [T, 2I] rows", py::call_guard<py::gil_scoped_release>());
+  m.def("argmax_rows", &argmax_rows, "each row's argmax (first on ties)", py::call_guard<py::gil_scoped_release>());
   m.attr("MAX_GROUP") = kMaxGroup;
   m.def("amx_pack", &amx_pack, "q's AMX tile layout (empty where AMX is unavailable)");
   m.def("paged_attention", &paged_attention, "attention of every sequence of a step over the flat KV slots",
