@@ -67,9 +67,7 @@ class EngineConfig:
     device: str | None = "auto"
     block_size: int = 16
     kv_cache_memory: str | int = "1GiB"
-    # None: 256 on a GPU (as vLLM), 32 on a CPU, where the fused native decoder takes up to 32 rows
-    # and a bigger batch gains little throughput for its latency.
-    max_num_seqs: int | None = None
+    max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's context length, capped at 8192
     enable_prefix_caching: bool = False
@@ -105,8 +103,6 @@ class EngineConfig:
                               "use e.g. 256MiB, or 0 for no CPU tier") from e
         if self.prefix_cpu_cache_bytes < 0:
             raise ConfigError(f"prefix_cpu_cache_memory must be >= 0, got {self.prefix_cpu_cache_memory!r}")
-        if self.max_num_seqs is None:
-            self.max_num_seqs = 256 if self.torch_device.type == "cuda" else 32
         if not isinstance(self.block_size, int):
             raise ConfigError(f"block_size must be an integer, got {self.block_size!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
