@@ -188,6 +188,12 @@ def sample(probs: torch.Tensor, params: list[SamplingParams], generators: list[t
     return out
 
 
+def sample_for_sequences(logits: torch.Tensor, seqs: list) -> list[int]:
+    """One token per row for the sequences the rows belong to (their params, histories, generators)."""
+    return sample_logits(logits, [s.params for s in seqs], [s.prompt_ids for s in seqs],
+                         [s.output_ids for s in seqs], [s.generator for s in seqs])
+
+
 def sample_logits(logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
                   output_ids: list[list[int]], generators: list[torch.Generator]) -> list[int]:
     """One token per row of raw logits. An all-greedy batch without penalties (the common decode

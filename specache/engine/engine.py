@@ -21,7 +21,7 @@ from specache.kv.cache import KVCache
 from specache.kv.sizing import num_blocks_for_budget
 from specache.models.llama import LlamaModel
 from specache.models.loader import LoadedModel
-from specache.sampling import SamplingParams, make_generator, sample_logits
+from specache.sampling import SamplingParams, make_generator, sample_for_sequences
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +215,7 @@ class Engine:
             return out
         if self.spec is not None:
             return self.spec.verify(items, logits, drafts)
-        tokens = sample_logits(torch.cat([lg for _, lg in rows]), [it.seq.params for it, _ in rows],
-                               [it.seq.prompt_ids for it, _ in rows], [it.seq.output_ids for it, _ in rows],
-                               [it.seq.generator for it, _ in rows])
+        tokens = sample_for_sequences(torch.cat([lg for _, lg in rows]), [it.seq for it, _ in rows])
         k = 0
         for i, lg in enumerate(logits):
             if lg is not None:

@@ -12,7 +12,7 @@ from specache.engine.runner import BatchItem
 from specache.engine.scheduler import SchedulerOutput
 from specache.engine.sequence import Sequence
 from specache.errors import ConfigError
-from specache.sampling import logits_to_probs, sample_logits
+from specache.sampling import logits_to_probs, sample_for_sequences
 from specache.spec.base import DraftRequest, Proposer
 from specache.spec.controller import SpecController
 from specache.spec.verify import verify
@@ -220,11 +220,8 @@ class SpecDecoder:
         # on a fast target the one-hot probabilities and the verifier's bookkeeping cost ~5% of a step.
         undrafted = [r for r in rows if not r[3]]
         if undrafted:
-            tokens = sample_logits(torch.cat([lg for _, _, lg, _ in undrafted]),
-                                   [it.seq.params for _, it, _, _ in undrafted],
-                                   [it.seq.prompt_ids for _, it, _, _ in undrafted],
-                                   [it.seq.output_ids for _, it, _, _ in undrafted],
-                                   [it.seq.generator for _, it, _, _ in undrafted])
+            tokens = sample_for_sequences(torch.cat([lg for _, _, lg, _ in undrafted]),
+                                          [it.seq for _, it, _, _ in undrafted])
             for (i, it, _, _), token in zip(undrafted, tokens, strict=True):
                 out[i] = [token]
                 self._draft_probs.pop(it.seq.seq_id, None)
