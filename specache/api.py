@@ -52,7 +52,7 @@ class LLM:
             raise
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
-            for out in self.engine.step():
+            for out in self.engine.step(finished_only=True):
                 if out.finished:
                     done[out.request_id] = out
         return [done[i] for i in ids]

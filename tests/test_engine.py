@@ -92,3 +92,18 @@ def test_prefix_cache_reuses_blocks_and_keeps_output(tiny_model_dir, alone_outpu
     assert all(o.metrics["cached_tokens"] >= len(system) // 4 * 4 - 4 for o in warm[1:])
     ref = LLM(model=str(tiny_model_dir), dtype="float32").generate(prompts, GREEDY)
     assert [o.token_ids for o in warm] == [o.token_ids for o in ref]
+
+
+def test_finished_only_steps_report_just_the_finished_requests(tiny_llm):
+    """generate() asks only for finished requests, so it does not detokenize every request each step."""
+    engine = tiny_llm.engine
+    short = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    long = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
+    ids = [engine.add_request("a b c", short), engine.add_request("d e f", long)]
+    reported = []
+    while engine.has_unfinished():
+        outs = engine.step(finished_only=True)
+        assert all(o.finished for o in outs)
+        reported += [o.request_id for o in outs]
+    assert reported == ids  # each exactly once, the shorter first
+    assert not engine.requests and engine.pool.all_free()

@@ -169,7 +169,9 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One engine step; an output for every request it advanced (finished_only: for those that
+        finished, so a caller that waits for whole results skips re-detokenizing every step)."""
         sched = self.scheduler.schedule(self.spec.slots_for if self.spec else None)
         if not sched.scheduled:
             return []
@@ -190,6 +192,8 @@ class Engine:
                 self.scheduler.trim_blocks(seq, seq.num_computed)
                 if it.num_logits and not seq.output_ids[:-1] and self.prefix_cache is not None:
                     self.scheduler.cache_prefix(seq)  # prompt done: share it with later requests now
+        if finished_only:
+            touched = {rid: None for rid in touched if all(q.is_finished for q in self.requests[rid])}
         return [self._request_output(rid) for rid in touched]
 
     def _build_items(self, sched: SchedulerOutput) -> tuple[list[BatchItem], list[list[int] | None]]:
