@@ -172,8 +172,8 @@ def test_amx_path_matches_bf16_activations_and_is_batch_invariant(native):
 
 
 def test_amx_prefill_sized_path_matches_and_agrees_with_the_decode_path(native):
-    """Above 16 rows the weights are widened once per call and multiplied in 32 x 32 blocks over
-    work units of 512 rows x 256 outputs: every row tail (a lone 16-row half, 17 rows), an odd
+    """Above 64 rows the weights are widened once per call and multiplied in 32 x 32 blocks over
+    work units of 512 rows x 256 outputs: every row tail (a lone 16-row half, a full block), an odd
     output-block count and a second unit in both directions, fp32 and bf16 activations. A row's
     result is still bit-for-bit the one-row (decode) result."""
     torch.manual_seed(8)
@@ -184,14 +184,14 @@ def test_amx_prefill_sized_path_matches_and_agrees_with_the_decode_path(native):
         if packed.numel() == 0:
             pytest.skip("this CPU has no AMX-BF16")
         expected = x.bfloat16().double() @ (q.double() * scale.double()[:, None]).t()
-        for rows in (17, 31, 32, 33, 600):
+        for rows in (65, 79, 80, 96, 97, 600):
             got = native.int8_linear(x[:rows], q, scale, packed)
             torch.testing.assert_close(got.double(), expected[:rows], rtol=1e-5, atol=1e-4)
             got_bf16 = native.int8_linear(x[:rows].bfloat16(), q, scale, packed)
             assert got_bf16.dtype == torch.bfloat16
             torch.testing.assert_close(got_bf16.double(), expected[:rows], rtol=1e-2, atol=2e-2)
         together = native.int8_linear(x, q, scale, packed)
-        for i in (0, 15, 16, 31, 511, 512, 599):
+        for i in (0, 15, 16, 31, 64, 511, 512, 599):
             assert torch.equal(native.int8_linear(x[i: i + 1], q, scale, packed)[0], together[i])
 
 
