@@ -133,6 +133,7 @@ def _time_paired(llm, plain_llm, prompts, params, repeats) -> tuple[dict, float]
     ratios = [m["tok/s"] / p["tok/s"] for m, p in pairs]
     result = dict(pairs[-1][0])
     result["tok/s"] = median([m["tok/s"] for m, _ in pairs])
+    result["plain tok/s"] = median([p["tok/s"] for _, p in pairs])
     return result, median(ratios)
 
 
@@ -169,8 +170,8 @@ def run(args: argparse.Namespace) -> dict:
                 if temp == 0 and method != "plain":
                     row["greedy output = plain"] = r["outputs"] == plain_out[f"{task}|{temp}"]
                 rows.append(row)
-        if method in ("plain", "ngram"):
-            batch_rows += _batch_study(llm, method, args)
+        if method == "ngram":
+            batch_rows += _batch_study(llm, plain_llm, method, args)
         if llm.engine.spec is not None:
             rows[-1]["controller"] = json.dumps(llm.engine.spec.stats(), default=str)[:200]
         if llm is not plain_llm:
@@ -216,7 +217,8 @@ def plot_speedups(rows: list[dict], docs: Path) -> Path:
     return out
 
 
-def _batch_study(llm, method, args) -> list[dict]:
+def _batch_study(llm, plain_llm, method, args) -> list[dict]:
+    """The method against plain decode at growing batch sizes, timed in alternating pairs."""
     from specache import SamplingParams
 
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0)
@@ -225,8 +227,9 @@ def _batch_study(llm, method, args) -> list[dict]:
     out = []
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = (grounded * (b // len(grounded) + 1))[:b]
-        r = _time_ours(llm, prompts, params, args.repeats)
-        out.append({"method": method, "batch": b, "tok/s": r["tok/s"]})
+        r, speedup = _time_paired(llm, plain_llm, prompts, params, args.repeats)
+        out += [{"method": "plain", "batch": b, "tok/s": r["plain tok/s"]},
+                {"method": method, "batch": b, "tok/s": r["tok/s"], "speedup": speedup}]
     return out
 
 

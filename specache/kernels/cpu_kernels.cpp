@@ -632,7 +632,7 @@ void attend_group_bf16(const float* q, const void* k_raw, const void* v_raw, con
     const int n = static_cast<int>(std::min<int64_t>(16, visible - j0));
     const uint16_t* keys[16];
     for (int i = 0; i < 16; ++i) keys[i] = k_base + slots[j0 + std::min(i, n - 1)] * slot_stride;
-    // The cache streams from memory: ask for the next block's keys while this one is multiplied.
+    // The cache streams from memory: ask for the keys two blocks ahead while this one is multiplied.
     for (int64_t i = j0 + 32; i < std::min(j0 + 48, visible); ++i)
       for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(k_base + slots[i] * slot_stride + 32 * c),
                                                _MM_HINT_T0);
