@@ -854,11 +854,26 @@ namespace {
 void rms_norm(const float* x, const float* weight, int64_t m, int64_t h, float eps, float* out) {
   for (int64_t r = 0; r < m; ++r) {
     const float* xr = x + r * h;
+    float* yr = out + r * h;
+    int64_t i = 0;
     float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < h; ++i) sum += xr[i] * xr[i];
+#ifdef SPECACHE_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= h; i += 16) {
+      const __m512 v = _mm512_loadu_ps(xr + i);
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < h; ++i) sum += xr[i] * xr[i];
     const float inv = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
-    for (int64_t i = 0; i < h; ++i) out[r * h + i] = xr[i] * inv * weight[i];
+    i = 0;
+#ifdef SPECACHE_AVX512
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (; i + 16 <= h; i += 16)
+      _mm512_storeu_ps(yr + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + i), vinv), _mm512_loadu_ps(weight + i)));
+#endif
+    for (; i < h; ++i) yr[i] = xr[i] * inv * weight[i];
   }
 }
 
