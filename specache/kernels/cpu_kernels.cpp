@@ -175,6 +175,28 @@ inline void widen_tile(const int8_t* src, __m512bh* dst) {
   }
 }
 
+// C tile `tile` (0-3) to a 16 x 16 fp32 buffer; tile numbers must be immediates, hence the switch.
+inline void store_c_tile(int tile, float* dst) {
+  switch (tile) {
+    case 0: _tile_stored(0, dst, 64); break;
+    case 1: _tile_stored(1, dst, 64); break;
+    case 2: _tile_stored(2, dst, 64); break;
+    default: _tile_stored(3, dst, 64); break;
+  }
+  compiler_barrier();
+}
+
+// y[0 .. 16) = c * scale, as fp32 or rounded to bf16.
+template <typename Out>
+inline void store_scaled_row(const float* c, const float* scale, Out* y) {
+  const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(c), _mm512_loadu_ps(scale));
+  if constexpr (std::is_same_v<Out, float>) {
+    _mm512_storeu_ps(y, v);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
 // y[r0 .. r0 + rows, n0 .. n0 + 16 * Blocks) for rows <= 16 of bf16 activations xb (row stride k).
 // The B tiles come from `widened` (all K tiles of the group, widened once) or, when it is null,
 // are widened here on the fly from the packed int8 weights (one pass: decode-sized steps).
@@ -211,14 +233,9 @@ void amx_chunk(const int8_t* packed, const __m512bh* widened, const float* scale
     }
   }
   for (int b = 0; b < Blocks; ++b) {
-    if (b == 0) _tile_stored(0, c_out, 64);
-    if (b == 1) _tile_stored(1, c_out, 64);
-    if (b == 2) _tile_stored(2, c_out, 64);
-    if (b == 3) _tile_stored(3, c_out, 64);
-    compiler_barrier();
+    store_c_tile(b, c_out);
     const int64_t n0 = (block0 + b) * kTileN;
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < kTileN; ++j) y[(r0 + r) * n + n0 + j] = c_out[r * kTileN + j] * scale[n0 + j];
+    for (int64_t r = 0; r < rows; ++r) store_scaled_row(c_out + r * kTileN, scale + n0, y + (r0 + r) * n + n0);
   }
 }
 
@@ -266,16 +283,6 @@ void amx_configure_2x2(int64_t rows0, int64_t rows1) {
   _tile_loadconfig(&cfg);
 }
 
-template <typename Out>
-inline void store_scaled_row(const float* c, const float* scale, Out* y) {
-  const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(c), _mm512_loadu_ps(scale));
-  if constexpr (std::is_same_v<Out, float>) {
-    _mm512_storeu_ps(y, v);
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
-  }
-}
-
 // One 32-row x (16 * Blocks)-output block; rows0 / rows1: the valid rows of each 16-row half.
 template <int Blocks, typename Out>
 void amx_block_2x2(const __m512bh* wide, const float* scale, const at::BFloat16* xb, int64_t r0, int64_t rows0,
@@ -308,11 +315,7 @@ void amx_block_2x2(const __m512bh* wide, const float* scale, const at::BFloat16*
   for (int t = 0; t < 4; ++t) {
     const int64_t half = t / 2, block = t % 2, rows = half ? rows1 : rows0;
     if (block >= Blocks || rows == 0) continue;
-    if (t == 0) _tile_stored(0, c_out, 64);
-    if (t == 1) _tile_stored(1, c_out, 64);
-    if (t == 2) _tile_stored(2, c_out, 64);
-    if (t == 3) _tile_stored(3, c_out, 64);
-    compiler_barrier();
+    store_c_tile(t, c_out);
     const int64_t n0 = (block0 + block) * kTileN;
     for (int64_t r = 0; r < rows; ++r) store_scaled_row(c_out + r * kTileN, scale + n0, y + (r0 + 16 * half + r) * n + n0);
   }
@@ -353,11 +356,17 @@ void amx_gemm_large(const int8_t* packed, const float* scale, const at::BFloat16
   });
 }
 
+// The large path's widened weights, kept per calling thread and shared by its callers: a fresh
+// multi-MB buffer per call costs page faults every time.
+std::vector<__m512bh>& large_gemm_scratch() {
+  thread_local std::vector<__m512bh> wide;
+  return wide;
+}
+
 // The large path on a tensor: x [M, K] fp32 or bf16 -> [M, N] in x's dtype.
 torch::Tensor amx_linear_large(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
                                int64_t n) {
-  // Scratch kept per calling thread: a fresh multi-MB buffer per call costs page faults every time.
-  thread_local std::vector<__m512bh> wide;
+  std::vector<__m512bh>& wide = large_gemm_scratch();
   const auto xb = x.to(torch::kBFloat16).contiguous();
   auto y = torch::empty({x.size(0), n}, x.options());
   const auto* xp = xb.data_ptr<at::BFloat16>();
@@ -380,10 +389,7 @@ void amx_gemm(const int8_t* packed, const float* scale, const float* x, int64_t 
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
     for (; i < e; ++i) xb[i] = static_cast<at::BFloat16>(x[i]);
   });
-  if (m > kAmxLargeRows) {
-    thread_local std::vector<__m512bh> wide;
-    return amx_gemm_large(packed, scale, xb.data(), m, k, n, y, wide);
-  }
+  if (m > kAmxLargeRows) return amx_gemm_large(packed, scale, xb.data(), m, k, n, y, large_gemm_scratch());
   const int64_t groups = (n / kTileN + kAmxBlocks - 1) / kAmxBlocks;
   at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
     std::vector<__m512bh> scratch;
@@ -536,6 +542,12 @@ inline void group_accumulate(const float* probs, int64_t heads, int64_t stride, 
   }
 }
 
+// Ask for one cached key or value row (`bytes` long) ahead of its use: the KV cache streams from
+// memory, and the slots' indirection hides the pattern from the hardware prefetcher.
+inline void prefetch_row(const void* row, int bytes) {
+  for (int line = 0; line < bytes; line += 64) _mm_prefetch(static_cast<const char*>(row) + line, _MM_HINT_T0);
+}
+
 // attend_group for G heads of 16 * C dims: the queries (scale folded in) and the G x C output
 // accumulators live in registers; each key and value is widened once for the whole group.
 template <typename T, int G, int C>
@@ -544,12 +556,10 @@ void attend_group_fixed(const float* q, const T* k_base, const T* v_base, const 
   __m512 qv[G][C];
   for (int h = 0; h < G; ++h)
     for (int c = 0; c < C; ++c) qv[h][c] = _mm512_mul_ps(_mm512_loadu_ps(q + (h * C + c) * 16), _mm512_set1_ps(scale));
-  constexpr int kLines = (16 * C * static_cast<int>(sizeof(T)) + 63) / 64;  // cache lines per key
+  constexpr int kRowBytes = 16 * C * static_cast<int>(sizeof(T));
   for (int64_t j = 0; j < visible; ++j) {
     const T* key = k_base + slots[j] * slot_stride;
-    if (j + 16 < visible)  // the cache streams from memory: ask for a later key while this one is used
-      for (int line = 0; line < kLines; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(k_base + slots[j + 16] * slot_stride) + 64 * line, _MM_HINT_T0);
+    if (j + 16 < visible) prefetch_row(k_base + slots[j + 16] * slot_stride, kRowBytes);
     __m512 kc[C];
     for (int c = 0; c < C; ++c) kc[c] = load16(key + c * 16, 0xFFFF);
     for (int h = 0; h < G; ++h) {
@@ -565,9 +575,7 @@ void attend_group_fixed(const float* q, const T* k_base, const T* v_base, const 
     for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < visible; ++j) {
     const T* value = v_base + slots[j] * slot_stride;
-    if (j + 16 < visible)
-      for (int line = 0; line < kLines; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(v_base + slots[j + 16] * slot_stride) + 64 * line, _MM_HINT_T0);
+    if (j + 16 < visible) prefetch_row(v_base + slots[j + 16] * slot_stride, kRowBytes);
     __m512 vc[C];
     for (int c = 0; c < C; ++c) vc[c] = load16(value + c * 16, 0xFFFF);
     for (int h = 0; h < G; ++h) {
@@ -632,10 +640,8 @@ void attend_group_bf16(const float* q, const void* k_raw, const void* v_raw, con
     const int n = static_cast<int>(std::min<int64_t>(16, visible - j0));
     const uint16_t* keys[16];
     for (int i = 0; i < 16; ++i) keys[i] = k_base + slots[j0 + std::min(i, n - 1)] * slot_stride;
-    // The cache streams from memory: ask for the keys two blocks ahead while this one is multiplied.
-    for (int64_t i = j0 + 32; i < std::min(j0 + 48, visible); ++i)
-      for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(k_base + slots[i] * slot_stride + 32 * c),
-                                               _MM_HINT_T0);
+    for (int64_t i = j0 + 32; i < std::min(j0 + 48, visible); ++i)  // the keys two blocks ahead
+      prefetch_row(k_base + slots[i] * slot_stride, 64 * C);
     for (int h = 0; h < G; ++h) {
       __m512 acc[16];
       for (int i = 0; i < 16; ++i) {
@@ -674,9 +680,7 @@ void attend_group_bf16(const float* q, const void* k_raw, const void* v_raw, con
   for (int64_t j = 0; j < visible; j += 2) {
     const uint16_t* v0 = v_base + slots[j] * slot_stride;
     const uint16_t* v1 = j + 1 < visible ? v_base + slots[j + 1] * slot_stride : nullptr;
-    for (int64_t i = j + 16; i < std::min(j + 18, visible); ++i)
-      for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(v_base + slots[i] * slot_stride + 32 * c),
-                                               _MM_HINT_T0);
+    for (int64_t i = j + 16; i < std::min(j + 18, visible); ++i) prefetch_row(v_base + slots[i] * slot_stride, 64 * C);
     __m512bh pairs[2 * C];  // [V[j][d], V[j+1][d]] for d in 16-dimension runs
     for (int c = 0; c < C; ++c) {
       const __m512i a = _mm512_loadu_si512(v0 + 32 * c);
