@@ -1,8 +1,8 @@
 // CPU kernels for the decode step, where PyTorch's general kernels leave speed on the table:
 //  - int8_linear: y = x @ (q * scale)^T. On AMX CPUs the weights, re-laid once as AMX tiles
-//    (amx_pack), are widened to bf16 on the fly and multiplied on the tile unit (above 64 rows:
-//    widened once per call, then 32 x 32 output blocks); elsewhere an AVX-512 GEMV streams each
-//    int8 weight row once for all rows of x (memory speed).
+//    (amx_pack), multiply two int8 limbs of each activation row on the tile unit (int8 x int8,
+//    exact int32 sums); elsewhere an AVX-512 GEMV streams each int8 weight row once for all rows
+//    of x (memory speed).
 //  - paged_attention: attention of every sequence of a step in one call, reading its K/V straight
 //    from the flat slot arrays (no gather copy, no per-sequence kernel launch).
 //  - FusedDecoder: a whole decode / verification step of the decoder layers in one call.
@@ -34,6 +34,13 @@ constexpr int64_t kMaxGroup = 16;  // query heads per KV head that the attention
 
 
 #ifdef SPECACHE_AVX512
+// 16 floats from fp32 or bf16 (masked lanes read as 0).
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
 inline __m512 load_int8x16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -123,23 +130,36 @@ void rows_any(const int8_t* w, int64_t k, const float* x, int64_t m_rows, float*
 
 }  // namespace
 
-// ---- AMX: int8 weights widened to bf16 tiles on the fly, tile matmul with bf16 activations ----
-// Weights are re-laid once ("packed") as tiles of 16 outputs x 32 inputs in the VNNI order that
-// TDPBF16PS reads: 512 bytes per tile, the tiles of one 16-output block consecutive along K.
-#if defined(SPECACHE_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+// ---- AMX: int8 weights times int8 "limbs" of the activations on the tile unit ----
+// Each activation row is split into two int8 limbs, x ~= s1 * hi + s2 * lo with s1 = max|x| / 127
+// and s2 = s1 / 254: at most max|x| / 64516 off per element (~16 significant bits, finer than
+// bf16 activations). TDPBSSD multiplies both limbs with the int8 weights as stored: no widening
+// of the weights to bf16 (which had made a 16-row step cost ~1.5x a one-row step) and exact int32
+// sums. Measured here on the 30 layers of SmolLM2-135M's projections, weights streamed from
+// memory: 1 row 5.5 -> 2.9 ms, 16 rows 8.0 -> 4.4 ms, against bf16 tiles widened on the fly.
+// A row's result depends on its own limbs only, so any batch gives it bit for bit (greedy
+// speculative output equals plain output on int8 weights).
+// Weights are re-laid once ("packed") as tiles of 16 outputs x 64 inputs in the VNNI order that
+// TDPBSSD reads: 1 KB per tile, the tiles of one 16-output block consecutive along K.
+#if defined(SPECACHE_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define SPECACHE_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
 
 namespace {
 
-constexpr int64_t kTileN = 16, kTileK = 32, kTileBytes = kTileN * kTileK;
+constexpr int64_t kTileN = 16, kTileK = 64, kTileBytes = kTileN * kTileK;
+// Above this many rows (prefill chunks) work units of up to kLargeRowSpan rows x kLargeColBlocks
+// output blocks, whose weights (<= 384 KB) stay in L2 while the unit's 16-row chunks pass over
+// them; up to it, units of one block pair over all rows (the two threads split the weights).
+constexpr int64_t kAmxLargeRows = 64;
+constexpr int64_t kLargeRowSpan = 512, kLargeColBlocks = 16;
+constexpr int64_t kWeightPrefetch = 4;  // weight tiles ahead along K (each stream)
 
 // GCC's AMX intrinsics are asm statements without a memory clobber: the compiler does not know
 // that a tile load reads the buffer just written (it drops the stores) or that a tile store
 // writes one. A compiler barrier around them keeps the memory traffic in order.
 inline void compiler_barrier() { asm volatile("" ::: "memory"); }
-constexpr int64_t kAmxBlocks = 4;  // output blocks sharing one activation tile load (C tiles 0..3)
 
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1;
@@ -155,41 +175,78 @@ bool amx_enabled() {
   return ok;
 }
 
-void amx_configure(int64_t m) {
+// Tiles 0-3: C (block 0 hi, block 0 lo, block 1 hi, block 1 lo), 4-5: A (hi and lo limbs of up to
+// 16 rows), 6-7: B (the two weight blocks).
+void amx_configure(int64_t rows) {
   TileConfig cfg;
-  for (int t = 0; t < 4; ++t) cfg.rows[t] = static_cast<uint8_t>(m), cfg.colsb[t] = 64;  // C: m x 16 fp32
-  cfg.rows[4] = static_cast<uint8_t>(m), cfg.colsb[4] = 64;  // A: m x 32 bf16
-  cfg.rows[5] = 16, cfg.colsb[5] = 64;  // B: 16 pairs x 16 outputs x 2 bf16
+  for (int t = 0; t < 6; ++t) cfg.rows[t] = static_cast<uint8_t>(rows), cfg.colsb[t] = 64;
+  cfg.rows[6] = cfg.rows[7] = 16, cfg.colsb[6] = cfg.colsb[7] = 64;
   compiler_barrier();
   _tile_loadconfig(&cfg);
 }
 
-// One packed int8 tile -> 16 rows x 32 bf16 (exact: |q| <= 127 fits bf16's 8-bit significand).
-inline void widen_tile(const int8_t* src, __m512bh* dst) {
-  for (int row = 0; row < 16; ++row) {
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
-    const __m512 hi =
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
-    dst[row] = _mm512_cvtne2ps_pbh(hi, lo);
-    src += 32;
+// Activation rows as limbs: x[r] ~= s1[r] * hi[r] + s2[r] * lo[r].
+struct Limbs {
+  std::vector<int8_t> hi, lo;
+  std::vector<float> s1, s2;
+};
+
+// The limbs of one row of k (a multiple of 64) values.
+template <typename In>
+void split_row(const In* x, int64_t k, int8_t* hi, int8_t* lo, float* s1, float* s2) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k; j += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x + j, 0xFFFF)));
+  const float top = _mm512_reduce_max_ps(amax);
+  if (!(top > 0.f)) {  // an all-zero row (its limbs and scales are zero)
+    std::memset(hi, 0, k), std::memset(lo, 0, k);
+    *s1 = *s2 = 0.f;
+    return;
+  }
+  *s1 = top / 127.f, *s2 = *s1 / 254.f;
+  const __m512 step1 = _mm512_set1_ps(*s1), inv1 = _mm512_set1_ps(1.f / *s1), inv2 = _mm512_set1_ps(1.f / *s2);
+  for (int64_t j = 0; j < k; j += 16) {
+    const __m512 v = load16(x + j, 0xFFFF);
+    const __m512 h = _mm512_roundscale_ps(_mm512_mul_ps(v, inv1), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 rest = _mm512_fnmadd_ps(h, step1, v);  // |rest| <= s1 / 2
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + j),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(rest, inv2))));
   }
 }
 
-// C tile `tile` (0-3) to a 16 x 16 fp32 buffer; tile numbers must be immediates, hence the switch.
-inline void store_c_tile(int tile, float* dst) {
-  switch (tile) {
-    case 0: _tile_stored(0, dst, 64); break;
-    case 1: _tile_stored(1, dst, 64); break;
-    case 2: _tile_stored(2, dst, 64); break;
-    default: _tile_stored(3, dst, 64); break;
+// The limbs of x [M, K], in a per-thread buffer (a fresh multi-MB one per prefill call would
+// cost page faults every time).
+template <typename In>
+const Limbs& split_rows(const In* x, int64_t m, int64_t k) {
+  thread_local Limbs buffer;
+  Limbs& limbs = buffer;  // a lambda names the running thread's thread_local: pass this one's
+  limbs.hi.resize(m * k), limbs.lo.resize(m * k), limbs.s1.resize(m), limbs.s2.resize(m);
+  at::parallel_for(0, m, 32, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      split_row(x + r * k, k, limbs.hi.data() + r * k, limbs.lo.data() + r * k, &limbs.s1[r], &limbs.s2[r]);
+  });
+  return limbs;
+}
+
+// C tiles of block 0 or 1 (hi and lo sums) to 16 x 16 int32 buffers; tile numbers must be
+// immediates.
+inline void store_c_tiles(int block, int32_t* hi, int32_t* lo) {
+  if (block == 0) {
+    _tile_stored(0, hi, 64);
+    _tile_stored(1, lo, 64);
+  } else {
+    _tile_stored(2, hi, 64);
+    _tile_stored(3, lo, 64);
   }
   compiler_barrier();
 }
 
-// y[0 .. 16) = c * scale, as fp32 or rounded to bf16.
+// y[0 .. 16) = (s1 * hi + s2 * lo) * scale, as fp32 or rounded to bf16.
 template <typename Out>
-inline void store_scaled_row(const float* c, const float* scale, Out* y) {
-  const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(c), _mm512_loadu_ps(scale));
+inline void store_limb_row(const int32_t* hi, const int32_t* lo, float s1, float s2, const float* scale, Out* y) {
+  const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(hi)), _mm512_set1_ps(s1),
+                                     _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(lo)), _mm512_set1_ps(s2)));
+  const __m512 v = _mm512_mul_ps(sum, _mm512_loadu_ps(scale));
   if constexpr (std::is_same_v<Out, float>) {
     _mm512_storeu_ps(y, v);
   } else {
@@ -197,209 +254,75 @@ inline void store_scaled_row(const float* c, const float* scale, Out* y) {
   }
 }
 
-// y[r0 .. r0 + rows, n0 .. n0 + 16 * Blocks) for rows <= 16 of bf16 activations xb (row stride k).
-// The B tiles come from `widened` (all K tiles of the group, widened once) or, when it is null,
-// are widened here on the fly from the packed int8 weights (one pass: decode-sized steps).
-template <int Blocks>
-void amx_chunk(const int8_t* packed, const __m512bh* widened, const float* scale, const at::BFloat16* xb,
-               int64_t r0, int64_t rows, int64_t k, int64_t n, int64_t block0, float* y) {
-  const int64_t kb_count = k / kTileK;
-  alignas(64) __m512bh b_tile[16];
-  alignas(64) float c_out[16 * kTileN];
-  amx_configure(rows);
-  _tile_zero(0);
-  if (Blocks > 1) _tile_zero(1);
-  if (Blocks > 2) _tile_zero(2);
-  if (Blocks > 3) _tile_zero(3);
-  compiler_barrier();
-  for (int64_t kb = 0; kb < kb_count; ++kb) {
-    _tile_loadd(4, xb + r0 * k + kb * kTileK, k * 2);
-    for (int b = 0; b < Blocks; ++b) {
-      const __m512bh* src = b_tile;
-      if (widened != nullptr) {
-        src = widened + (b * kb_count + kb) * 16;
-      } else {
-        const int8_t* tile = packed + ((block0 + b) * kb_count + kb) * kTileBytes;
-        for (int line = 0; line < kTileBytes; line += 64) _mm_prefetch(tile + 4 * kTileBytes + line, _MM_HINT_T0);
-        widen_tile(tile, b_tile);
-      }
-      compiler_barrier();
-      _tile_loadd(5, src, 64);
-      // Tile numbers must be immediates.
-      if (b == 0) _tile_dpbf16ps(0, 4, 5);
-      if (b == 1) _tile_dpbf16ps(1, 4, 5);
-      if (b == 2) _tile_dpbf16ps(2, 4, 5);
-      if (b == 3) _tile_dpbf16ps(3, 4, 5);
-    }
-  }
-  for (int b = 0; b < Blocks; ++b) {
-    store_c_tile(b, c_out);
-    const int64_t n0 = (block0 + b) * kTileN;
-    for (int64_t r = 0; r < rows; ++r) store_scaled_row(c_out + r * kTileN, scale + n0, y + (r0 + r) * n + n0);
-  }
+inline void prefetch_tile(const int8_t* tile) {
+  for (int64_t line = 0; line < kTileBytes; line += 64) _mm_prefetch(tile + line, _MM_HINT_T0);
 }
 
-// All rows for one group of Blocks output blocks. Above 16 rows the group's weights are widened
-// once into `scratch` and reused by every 16-row chunk (a prefill chunk would otherwise widen
-// every weight once per 16 rows).
-template <int Blocks>
-void amx_group(const int8_t* packed, const float* scale, const at::BFloat16* xb, int64_t m, int64_t k, int64_t n,
-               int64_t block0, float* y, std::vector<__m512bh>& scratch) {
-  const __m512bh* widened = nullptr;
-  if (m > 16) {
-    const int64_t kb_count = k / kTileK;
-    scratch.resize(Blocks * kb_count * 16);
-    for (int b = 0; b < Blocks; ++b)
-      for (int64_t kb = 0; kb < kb_count; ++kb)
-        widen_tile(packed + ((block0 + b) * kb_count + kb) * kTileBytes, scratch.data() + (b * kb_count + kb) * 16);
-    widened = scratch.data();
-  }
-  for (int64_t r0 = 0; r0 < m; r0 += 16)
-    amx_chunk<Blocks>(packed, widened, scale, xb, r0, std::min<int64_t>(16, m - r0), k, n, block0, y);
-}
-
-// ---------------------------------------------------------------- prefill-sized AMX GEMM
-// Above kAmxLargeRows rows (prefill chunks) the whole weight is widened to bf16 tiles once per call
-// (a small cost next to M rows of multiplies) and multiplied in 32 x 32 output blocks: two A tiles
-// (32 activation rows, read from L1) times two B tiles (32 outputs, from L2) into four C tiles, so
-// each tile load feeds two multiplies. The decode path (amx_gemm) instead streams the int8
-// weights once per call; here the activations are the bigger operand. Not below 64 rows: inside
-// the fused step, writing every widened weight out per call made a 24-row step ~10 ms slower
-// (28 vs 18 ms), though each projection alone timed faster.
-constexpr int64_t kAmxLargeRows = 64;
-constexpr int64_t kLargeRowSpan = 512, kLargeColBlocks = 16;  // a work unit: rows x 16-output blocks
-
-void amx_configure_2x2(int64_t rows0, int64_t rows1) {
-  TileConfig cfg;
-  const int64_t rows[2] = {rows0, rows1};
-  for (int i = 0; i < 2; ++i) {
-    if (rows[i] == 0) continue;  // a tile with zero rows is unconfigured: never touched
-    cfg.rows[2 * i] = cfg.rows[2 * i + 1] = static_cast<uint8_t>(rows[i]);  // C tiles of this row half
-    cfg.colsb[2 * i] = cfg.colsb[2 * i + 1] = 64;
-    cfg.rows[4 + i] = static_cast<uint8_t>(rows[i]), cfg.colsb[4 + i] = 64;  // A tiles 4, 5
-  }
-  cfg.rows[6] = cfg.rows[7] = 16, cfg.colsb[6] = cfg.colsb[7] = 64;  // B tiles 6, 7
-  compiler_barrier();
-  _tile_loadconfig(&cfg);
-}
-
-// One 32-row x (16 * Blocks)-output block; rows0 / rows1: the valid rows of each 16-row half.
+// y[r0 .. r0 + rows, 16 * block0 .. 16 * (block0 + Blocks)) for rows <= 16 (tiles configured for
+// `rows`), over all of K.
 template <int Blocks, typename Out>
-void amx_block_2x2(const __m512bh* wide, const float* scale, const at::BFloat16* xb, int64_t r0, int64_t rows0,
-                   int64_t rows1, int64_t k, int64_t n, int64_t block0, Out* y) {
+void amx_block(const int8_t* packed, const float* scale, const Limbs& x, int64_t r0, int64_t rows, int64_t k,
+               int64_t n, int64_t block0, Out* y) {
   const int64_t kb_count = k / kTileK;
+  const int8_t* w0 = packed + block0 * kb_count * kTileBytes;
+  const int8_t* w1 = w0 + kb_count * kTileBytes;
+  const int8_t* hi = x.hi.data() + r0 * k;
+  const int8_t* lo = x.lo.data() + r0 * k;
   _tile_zero(0);
-  if (Blocks > 1) _tile_zero(1);
-  if (rows1) {
+  _tile_zero(1);
+  if (Blocks > 1) {
     _tile_zero(2);
-    if (Blocks > 1) _tile_zero(3);
+    _tile_zero(3);
   }
   compiler_barrier();
-  const __m512bh* b0 = wide + block0 * kb_count * 16;
-  const __m512bh* b1 = b0 + kb_count * 16;
   for (int64_t kb = 0; kb < kb_count; ++kb) {
-    _tile_loadd(4, xb + r0 * k + kb * kTileK, k * 2);
-    _tile_loadd(6, b0 + kb * 16, 64);
-    _tile_dpbf16ps(0, 4, 6);
+    prefetch_tile(w0 + (kb + kWeightPrefetch) * kTileBytes);
+    if (Blocks > 1) prefetch_tile(w1 + (kb + kWeightPrefetch) * kTileBytes);
+    _tile_loadd(4, hi + kb * kTileK, k);
+    _tile_loadd(5, lo + kb * kTileK, k);
+    _tile_loadd(6, w0 + kb * kTileBytes, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 5, 6);
     if (Blocks > 1) {
-      _tile_loadd(7, b1 + kb * 16, 64);
-      _tile_dpbf16ps(1, 4, 7);
-    }
-    if (rows1) {
-      _tile_loadd(5, xb + (r0 + 16) * k + kb * kTileK, k * 2);
-      _tile_dpbf16ps(2, 5, 6);
-      if (Blocks > 1) _tile_dpbf16ps(3, 5, 7);
+      _tile_loadd(7, w1 + kb * kTileBytes, 64);
+      _tile_dpbssd(2, 4, 7);
+      _tile_dpbssd(3, 5, 7);
     }
   }
-  alignas(64) float c_out[16 * kTileN];
-  for (int t = 0; t < 4; ++t) {
-    const int64_t half = t / 2, block = t % 2, rows = half ? rows1 : rows0;
-    if (block >= Blocks || rows == 0) continue;
-    store_c_tile(t, c_out);
-    const int64_t n0 = (block0 + block) * kTileN;
-    for (int64_t r = 0; r < rows; ++r) store_scaled_row(c_out + r * kTileN, scale + n0, y + (r0 + 16 * half + r) * n + n0);
+  alignas(64) int32_t c_hi[16 * kTileN], c_lo[16 * kTileN];
+  for (int b = 0; b < Blocks; ++b) {
+    store_c_tiles(b, c_hi, c_lo);
+    const int64_t n0 = (block0 + b) * kTileN;
+    for (int64_t r = 0; r < rows; ++r)
+      store_limb_row(c_hi + r * kTileN, c_lo + r * kTileN, x.s1[r0 + r], x.s2[r0 + r], scale + n0,
+                     y + (r0 + r) * n + n0);
   }
 }
 
-// y[M, N] = xb[M, K] @ (w * scale)^T for M > kAmxLargeRows; `wide` is scratch for the bf16 weights.
-template <typename Out>
-void amx_gemm_large(const int8_t* packed, const float* scale, const at::BFloat16* xb, int64_t m, int64_t k, int64_t n,
-                    Out* y, std::vector<__m512bh>& wide) {
-  const int64_t kb_count = k / kTileK, blocks = n / kTileN, tiles = blocks * kb_count;
-  wide.resize(tiles * 16);
-  at::parallel_for(0, tiles, 64, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) widen_tile(packed + t * kTileBytes, wide.data() + t * 16);
-  });
-  // Work units of up to kLargeRowSpan rows x kLargeColBlocks output blocks: a unit's widened
-  // weights (<= 16 x K/32 tiles, 288 KB at K = 576) stay in L2 while its 32-row blocks pass over
-  // them, and each 32-row block's activations stay in L1 across the unit's outputs.
-  const int64_t row_units = (m + kLargeRowSpan - 1) / kLargeRowSpan;
-  const int64_t col_units = (blocks + kLargeColBlocks - 1) / kLargeColBlocks;
-  at::parallel_for(0, row_units * col_units, 1, [&](int64_t ub, int64_t ue) {
+// y[M, N] = x[M, K] @ (w * scale)^T on the tile unit, any M; x fp32 or bf16, y fp32 or bf16.
+template <typename In, typename Out>
+void amx_gemm(const int8_t* packed, const float* scale, const In* x, int64_t m, int64_t k, int64_t n, Out* y) {
+  const Limbs& limbs = split_rows(x, m, k);
+  const bool large = m > kAmxLargeRows;
+  const int64_t blocks = n / kTileN;
+  const int64_t row_span = large ? kLargeRowSpan : m, col_span = large ? kLargeColBlocks : 2;
+  const int64_t col_units = (blocks + col_span - 1) / col_span;
+  const int64_t units = (m + row_span - 1) / row_span * col_units;
+  at::parallel_for(0, units, 1, [&](int64_t ub, int64_t ue) {
+    int64_t configured = -1;
     for (int64_t u = ub; u < ue; ++u) {
-      const int64_t row_end = std::min(m, (u / col_units + 1) * kLargeRowSpan);
-      const int64_t block_begin = (u % col_units) * kLargeColBlocks;
-      const int64_t block_end = std::min(blocks, block_begin + kLargeColBlocks);
-      for (int64_t r0 = (u / col_units) * kLargeRowSpan; r0 < row_end; r0 += 32) {
-        const int64_t rows0 = std::min<int64_t>(16, row_end - r0), rows1 = std::clamp<int64_t>(row_end - r0 - 16, 0, 16);
-        amx_configure_2x2(rows0, rows1);
+      const int64_t row_begin = u / col_units * row_span, row_end = std::min(m, row_begin + row_span);
+      const int64_t block_begin = u % col_units * col_span, block_end = std::min(blocks, block_begin + col_span);
+      for (int64_t r0 = row_begin; r0 < row_end; r0 += 16) {
+        const int64_t rows = std::min<int64_t>(16, row_end - r0);
+        if (rows != configured) amx_configure(configured = rows);
         for (int64_t b = block_begin; b < block_end; b += 2) {
           if (b + 1 < block_end) {
-            amx_block_2x2<2>(wide.data(), scale, xb, r0, rows0, rows1, k, n, b, y);
+            amx_block<2>(packed, scale, limbs, r0, rows, k, n, b, y);
           } else {
-            amx_block_2x2<1>(wide.data(), scale, xb, r0, rows0, rows1, k, n, b, y);
+            amx_block<1>(packed, scale, limbs, r0, rows, k, n, b, y);
           }
         }
-      }
-    }
-    _tile_release();
-  });
-}
-
-// The large path's widened weights, kept per calling thread and shared by its callers: a fresh
-// multi-MB buffer per call costs page faults every time.
-std::vector<__m512bh>& large_gemm_scratch() {
-  thread_local std::vector<__m512bh> wide;
-  return wide;
-}
-
-// The large path on a tensor: x [M, K] fp32 or bf16 -> [M, N] in x's dtype.
-torch::Tensor amx_linear_large(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
-                               int64_t n) {
-  std::vector<__m512bh>& wide = large_gemm_scratch();
-  const auto xb = x.to(torch::kBFloat16).contiguous();
-  auto y = torch::empty({x.size(0), n}, x.options());
-  const auto* xp = xb.data_ptr<at::BFloat16>();
-  if (x.scalar_type() == torch::kFloat) {
-    amx_gemm_large(packed.data_ptr<int8_t>(), scale.data_ptr<float>(), xp, x.size(0), x.size(1), n,
-                   y.data_ptr<float>(), wide);
-  } else {
-    amx_gemm_large(packed.data_ptr<int8_t>(), scale.data_ptr<float>(), xp, x.size(0), x.size(1), n,
-                   y.data_ptr<at::BFloat16>(), wide);
-  }
-  return y;
-}
-
-// y[M, N] = x[M, K] @ (w * scale)^T with packed weights, any M.
-void amx_gemm(const int8_t* packed, const float* scale, const float* x, int64_t m, int64_t k, int64_t n, float* y) {
-  std::vector<at::BFloat16> xb(m * k);
-  at::parallel_for(0, m * k, 1 << 16, [&](int64_t b, int64_t e) {
-    int64_t i = b;
-    for (; i + 16 <= e; i += 16)  // round to nearest even, as the scalar conversion does
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
-    for (; i < e; ++i) xb[i] = static_cast<at::BFloat16>(x[i]);
-  });
-  if (m > kAmxLargeRows) return amx_gemm_large(packed, scale, xb.data(), m, k, n, y, large_gemm_scratch());
-  const int64_t groups = (n / kTileN + kAmxBlocks - 1) / kAmxBlocks;
-  at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
-    std::vector<__m512bh> scratch;
-    for (int64_t g = gb; g < ge; ++g) {
-      const int64_t block0 = g * kAmxBlocks, blocks = std::min(kAmxBlocks, n / kTileN - block0);
-      switch (blocks) {
-        case 1: amx_group<1>(packed, scale, xb.data(), m, k, n, block0, y, scratch); break;
-        case 2: amx_group<2>(packed, scale, xb.data(), m, k, n, block0, y, scratch); break;
-        case 3: amx_group<3>(packed, scale, xb.data(), m, k, n, block0, y, scratch); break;
-        default: amx_group<4>(packed, scale, xb.data(), m, k, n, block0, y, scratch); break;
       }
     }
     _tile_release();
@@ -424,26 +347,25 @@ void int8_gemm(const int8_t* w, const float* scale, const float* x, int64_t m, i
 }  // namespace
 
 // The AMX tile layout of q [N, K] (an int8 tensor of the same size), or an empty tensor where
-// AMX is not available or the shape does not tile (N % 16, K % 32).
+// AMX is not available or the shape does not tile (N % 16, K % 64).
 torch::Tensor amx_pack(const torch::Tensor& q) {
 #ifdef SPECACHE_AMX
   const int64_t n = q.size(0), k = q.size(1);
   if (amx_enabled() && n % kTileN == 0 && k % kTileK == 0) {
-    // [N/16, 16, K/32, 16 pairs, 2] -> [N/16, K/32, 16 pairs, 16 outputs, 2]
-    return q.contiguous().view({n / kTileN, kTileN, k / kTileK, kTileK / 2, 2}).permute({0, 2, 3, 1, 4}).contiguous();
+    // [N/16, 16, K/64, 16 quads, 4] -> [N/16, K/64, 16 quads, 16 outputs, 4]
+    return q.contiguous().view({n / kTileN, kTileN, k / kTileK, kTileK / 4, 4}).permute({0, 2, 3, 1, 4}).contiguous();
   }
 #endif
   return torch::empty({0}, q.options());
 }
 
-// y = x @ (q * scale)^T; with a packed copy (amx_pack), on AMX.
+// y = x @ (q * scale)^T for fp32 rows; with a packed copy (amx_pack), on AMX.
 void quant_gemm(const int8_t* q, const int8_t* packed, const float* scale, const float* x, int64_t m, int64_t k,
                 int64_t n, float* y) {
 #ifdef SPECACHE_AMX
-  // Every row count on AMX, one row included (~12% slower for a single stream than the AVX-512
-  // GEMV): each row then goes through the same instructions whatever its batch, so verifying K
-  // drafts in one step gives bit-for-bit the logits of decoding them one at a time, and greedy
-  // speculative output equals greedy plain output.
+  // Every row count on AMX, one row included (also the fastest single-stream path): each row goes
+  // through the same instructions whatever its batch, so verifying K drafts in one step gives
+  // bit-for-bit the logits of decoding them one at a time.
   if (packed != nullptr) return amx_gemm(packed, scale, x, m, k, n, y);
 #endif
   int8_gemm(q, scale, x, m, k, n, y);
@@ -456,14 +378,18 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
               q.sizes());
   TORCH_CHECK(q.scalar_type() == torch::kInt8 && scale.scalar_type() == torch::kFloat, "int8_linear: dtypes");
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous(), "int8_linear: q and scale must be contiguous");
+  const bool tiled = packed.has_value() && packed->numel() == q.numel();
 #ifdef SPECACHE_AMX
-  if (packed.has_value() && packed->numel() == q.numel() && x.size(0) > kAmxLargeRows &&
-      (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16))
-    return amx_linear_large(x, *packed, scale, q.size(0));
+  if (tiled && x.scalar_type() == torch::kBFloat16) {  // bf16 in and out, no fp32 copies
+    const auto xc = x.contiguous();
+    auto y = torch::empty({x.size(0), q.size(0)}, x.options());
+    amx_gemm(packed->data_ptr<int8_t>(), scale.data_ptr<float>(), xc.data_ptr<at::BFloat16>(), x.size(0), x.size(1),
+             q.size(0), y.data_ptr<at::BFloat16>());
+    return y;
+  }
 #endif
   const auto xf = x.to(torch::kFloat).contiguous();
   auto y = torch::empty({xf.size(0), q.size(0)}, xf.options());
-  const bool tiled = packed.has_value() && packed->numel() == q.numel();
   quant_gemm(q.data_ptr<int8_t>(), tiled ? packed->data_ptr<int8_t>() : nullptr, scale.data_ptr<float>(),
              xf.data_ptr<float>(), xf.size(0), xf.size(1), q.size(0), y.data_ptr<float>());
   return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
@@ -476,11 +402,6 @@ using AttendFn = void (*)(const float*, const void*, const void*, const int64_t*
                           float*);
 
 #ifdef SPECACHE_AVX512
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
-  const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
 
 inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);

@@ -116,8 +116,9 @@ class Projection:
       slow path: 170 ms instead of 3 ms for the LM head).
     int8: weight-only int8, one scale per output row. Where the native kernels are built:
       on AMX CPUs a second copy of the weights in AMX tile order (``packed``, the same size
-      again) for every row count, elsewhere an AVX-512 GEMV; without them PyTorch's CPU
-      int8-weight kernel (bf16 activations). 2-3x faster than fp32 for 1-8 rows.
+      again) for every row count (activations as two int8 limbs, ~16 significant bits),
+      elsewhere an AVX-512 GEMV; without them PyTorch's CPU int8-weight kernel (bf16
+      activations). 2-3x faster than fp32 for 1-8 rows.
     hybrid: both copies; int8 up to ``int8_max_rows`` rows (decode), dense above (prefill). The
       switch point depends on the CPU and the kernels (32 rows with AMX here, 8 with PyTorch's
       kernel on AVX512-BF16, 16-64 on AVX2), so `calibrate_int8_max_rows` measures it at load.
