@@ -149,7 +149,7 @@ def _prefill_then_decode(model: LlamaModel, prompt: list[int], steps: int,
 
 def test_int8_and_hybrid_weights_stay_close_to_dense_and_hybrid_prefill_is_exact(tiny_model_dir):
     """int8 logits track fp32 within a few percent of their spread, fed the same tokens; hybrid
-    prefills a prompt longer than its int8 steps (above 32 rows, the fused step's floor) with the
+    prefills a prompt longer than its int8 steps (above 64 rows, the fused step's floor) with the
     dense weights, so its prompt logits are closer than int8's."""
     loaded = load_model(str(tiny_model_dir))
     prompt = torch.randint(0, 49152, (70,), generator=torch.Generator().manual_seed(3)).tolist()
