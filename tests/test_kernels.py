@@ -240,6 +240,38 @@ def test_row_ops_match_pytorch(native, dtype):
     torch.testing.assert_close(native.swiglu(gate_up), (F.silu(gate) * up).to(dtype), **tol)
     with pytest.raises(RuntimeError, match="swiglu"):
         native.swiglu(torch.randn(2, 3))
+    hidden, delta = x.clone(), torch.randn(37, 576).to(dtype)
+    normed = native.add_rms_norm(hidden, delta, weight, 1e-5)
+    summed = (x + delta).float()  # in place, rounded to the dtype as PyTorch's add rounds it
+    torch.testing.assert_close(hidden.float(), summed, rtol=0, atol=0)
+    torch.testing.assert_close(normed, F.rms_norm(summed, (576,), weight.float(), 1e-5).to(dtype), **tol)
+
+
+@pytest.mark.parametrize("dtype, cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.bfloat16, torch.float32)])
+def test_rope_and_store_matches_pytorch(native, dtype, cache_dtype):
+    """RoPE on q and k (q in place) and the K/V write into scattered cache slots, against
+    apply_rope + index_copy_ on the same rows."""
+    from specache.models.llama import apply_rope, rope_tables
+
+    torch.manual_seed(4)
+    nh, nkv, hd, t = 9, 3, 64, 7
+    qkv = torch.randn(t, (nh + 2 * nkv) * hd).to(dtype)
+    cos_table, sin_table = rope_tables(hd, 64, 10000.0, "cpu")
+    signed_sin = torch.cat([-sin_table[:, : hd // 2], sin_table[:, hd // 2:]], dim=-1)
+    positions, slots = torch.tensor([0, 1, 2, 9, 10, 40, 63]), torch.tensor([5, 3, 17, 0, 8, 30, 31])
+    cos, sin = cos_table[positions], signed_sin[positions]
+    rotated = apply_rope(qkv.float()[:, : (nh + nkv) * hd].view(t, nh + nkv, hd), cos[:, None], sin[:, None])
+    k_slots, v_slots = torch.zeros(32, nkv, hd, dtype=cache_dtype), torch.zeros(32, nkv, hd, dtype=cache_dtype)
+    got = qkv.clone()
+    native.rope_and_store(got, cos, sin, k_slots, v_slots, slots, nh, nkv)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == cache_dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got[:, : nh * hd].float(), rotated[:, :nh].reshape(t, -1), **tol)
+    torch.testing.assert_close(k_slots[slots].float(), rotated[:, nh:], **tol)
+    torch.testing.assert_close(v_slots[slots].float(), qkv[:, (nh + nkv) * hd:].float().view(t, nkv, hd), **tol)
+    assert torch.equal(got[:, nh * hd:], qkv[:, nh * hd:])  # k and v stay as they were in the rows
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        native.rope_and_store(qkv.clone(), cos, sin, k_slots, v_slots, slots + 32, nh, nkv)
 
 
 def _dequantized(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1025,6 +1025,110 @@ torch::Tensor swiglu_rows(const torch::Tensor& gate_up) {
   return out;
 }
 
+// hidden += delta, then RMSNorm of the sum into a new tensor: the residual add and the next norm of
+// the op-by-op (prefill) path in one pass. The sum is rounded to hidden's dtype before the norm,
+// as the two PyTorch ops did.
+namespace {
+
+template <typename T>
+void add_rms_norm_typed(torch::Tensor& hidden, const torch::Tensor& delta, const torch::Tensor& weight, float eps,
+                        torch::Tensor& out) {
+  const int64_t h = hidden.size(1);
+  T* hp = hidden.data_ptr<T>();
+  const T* dp = delta.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, hidden.size(0), 16, [&](int64_t b, int64_t e) {
+    std::vector<float> sum(h), more(h), normed(h);
+    for (int64_t r = b; r < e; ++r) {
+      widen_row(hp + r * h, sum.data(), h);
+      widen_row(dp + r * h, more.data(), h);
+      for (int64_t i = 0; i < h; ++i) sum[i] += more[i];
+      narrow_row(sum.data(), hp + r * h, h);
+      widen_row(hp + r * h, sum.data(), h);
+      rms_norm(sum.data(), weight.data_ptr<float>(), 1, h, eps, normed.data());
+      narrow_row(normed.data(), op + r * h, h);
+    }
+  });
+}
+
+// RoPE on the q and k heads of qkv rows [T, (nh + 2 nkv) * hd] (q rotated in place), then each
+// row's rotated k and its v into cache slot slots[i] of k_slots / v_slots [S, nkv, hd]. In fp32
+// inside, the tables fp32 [T, hd] (signed_sin: first half negated).
+template <typename T, typename C>
+void rope_and_store_typed(torch::Tensor& qkv, const float* cos, const float* signed_sin, C* k_slots, C* v_slots,
+                          const int64_t* slots, int64_t nh, int64_t nkv, int64_t hd) {
+  const int64_t q_size = nh * hd, kv_size = nkv * hd, width = q_size + 2 * kv_size;
+  T* rows = qkv.data_ptr<T>();
+  at::parallel_for(0, qkv.size(0), 16, [&](int64_t b, int64_t e) {
+    std::vector<float> row(width);
+    for (int64_t i = b; i < e; ++i) {
+      widen_row(rows + i * width, row.data(), width);
+      rope(row.data(), nh + nkv, hd, cos + i * hd, signed_sin + i * hd);
+      narrow_row(row.data(), rows + i * width, q_size);
+      store_kv(row.data() + q_size, k_slots + slots[i] * kv_size, kv_size);
+      store_kv(row.data() + q_size + kv_size, v_slots + slots[i] * kv_size, kv_size);
+    }
+  });
+}
+
+template <typename T>
+void rope_and_store_into(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_slots,
+                         torch::Tensor& v_slots, const torch::Tensor& slots, int64_t nh, int64_t nkv) {
+  const int64_t hd = k_slots.size(2);
+  if (k_slots.scalar_type() == torch::kFloat) {
+    rope_and_store_typed<T, float>(qkv, cos.data_ptr<float>(), sin.data_ptr<float>(), k_slots.data_ptr<float>(),
+                                   v_slots.data_ptr<float>(), slots.data_ptr<int64_t>(), nh, nkv, hd);
+  } else {
+    TORCH_CHECK(k_slots.scalar_type() == torch::kBFloat16, "rope_and_store: cache must be fp32 or bf16");
+    rope_and_store_typed<T, at::BFloat16>(qkv, cos.data_ptr<float>(), sin.data_ptr<float>(),
+                                          k_slots.data_ptr<at::BFloat16>(), v_slots.data_ptr<at::BFloat16>(),
+                                          slots.data_ptr<int64_t>(), nh, nkv, hd);
+  }
+}
+
+}  // namespace
+
+torch::Tensor add_rms_norm(torch::Tensor& hidden, const torch::Tensor& delta, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous() && delta.sizes() == hidden.sizes() &&
+                  delta.scalar_type() == hidden.scalar_type(),
+              "add_rms_norm: hidden and delta must be [T, H] of one dtype, hidden contiguous");
+  const auto dc = delta.contiguous();
+  const auto wf = weight.to(torch::kFloat).contiguous();
+  TORCH_CHECK(wf.numel() == hidden.size(1), "add_rms_norm: weight size ", wf.numel(), " for rows of ", hidden.size(1));
+  auto out = torch::empty_like(hidden);
+  if (hidden.scalar_type() == torch::kFloat) add_rms_norm_typed<float>(hidden, dc, wf, static_cast<float>(eps), out);
+  else if (hidden.scalar_type() == torch::kBFloat16)
+    add_rms_norm_typed<at::BFloat16>(hidden, dc, wf, static_cast<float>(eps), out);
+  else TORCH_CHECK(false, "add_rms_norm: fp32 or bf16 rows");
+  return out;
+}
+
+void rope_and_store(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& signed_sin,
+                    torch::Tensor& k_slots, torch::Tensor& v_slots, const torch::Tensor& slots, int64_t num_heads,
+                    int64_t num_kv_heads) {
+  TORCH_CHECK(k_slots.dim() == 3 && k_slots.is_contiguous() && v_slots.is_contiguous() &&
+                  k_slots.sizes() == v_slots.sizes() && k_slots.scalar_type() == v_slots.scalar_type() &&
+                  k_slots.size(1) == num_kv_heads,
+              "rope_and_store: k/v slots must be contiguous [S, kv_heads, head_dim]");
+  const int64_t hd = k_slots.size(2), t = qkv.size(0);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (num_heads + 2 * num_kv_heads) * hd,
+              "rope_and_store: qkv must be contiguous [T, (heads + 2 kv_heads) * head_dim]");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && signed_sin.scalar_type() == torch::kFloat && cos.is_contiguous() &&
+                  signed_sin.is_contiguous() && cos.numel() == t * hd && signed_sin.numel() == t * hd,
+              "rope_and_store: fp32 contiguous tables [T, head_dim]");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && slots.numel() == t,
+              "rope_and_store: one int64 slot per row");
+  for (int64_t i = 0; i < t; ++i) {
+    const int64_t slot = slots.data_ptr<int64_t>()[i];
+    TORCH_CHECK(slot >= 0 && slot < k_slots.size(0), "rope_and_store: slot ", slot, " outside the cache");
+  }
+  if (qkv.scalar_type() == torch::kFloat) rope_and_store_into<float>(qkv, cos, signed_sin, k_slots, v_slots, slots,
+                                                                     num_heads, num_kv_heads);
+  else if (qkv.scalar_type() == torch::kBFloat16)
+    rope_and_store_into<at::BFloat16>(qkv, cos, signed_sin, k_slots, v_slots, slots, num_heads, num_kv_heads);
+  else TORCH_CHECK(false, "rope_and_store: fp32 or bf16 rows");
+}
+
 // The index of each row's largest value (the first one on ties, as torch.argmax): greedy decoding
 // reads 16 x 49k logits a step, where torch.argmax ran at ~1 GB/s (0.75 ms).
 namespace {
@@ -1076,6 +1180,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("packed") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_rows, "RMSNorm over the last dim", py::call_guard<py::gil_scoped_release>());
   m.def("swiglu", &swiglu_rows, "silu(gate) * up of [T, 2I] rows", py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm", &add_rms_norm, "hidden += delta (in place), then RMSNorm of it",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rope_and_store", &rope_and_store, "RoPE on qkv's q and k heads, k and v into their cache slots",
+        py::call_guard<py::gil_scoped_release>());
   m.def("argmax_rows", &argmax_rows, "each row's argmax (first on ties)", py::call_guard<py::gil_scoped_release>());
   m.attr("MAX_GROUP") = kMaxGroup;
   m.def("amx_pack", &amx_pack, "q's AMX tile layout (empty where AMX is unavailable)");

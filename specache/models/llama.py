@@ -314,11 +314,14 @@ class LlamaModel:
         qkv = lw.qkv(x)
         if lw.bqkv is not None:
             qkv = qkv + lw.bqkv
-        # q and k are rotated together: one RoPE call over their heads side by side.
         t, nh, nkv, hd = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, nh + nkv, hd), cos, sin)
-        q, k = qk[:, :nh], qk[:, nh:]
-        cache.write(layer, meta.slot_mapping, k, qkv[:, self.q_size + self.kv_size:].view(t, nkv, hd))
+        if self._native_rows(cache):  # RoPE and the K/V write in one native pass (q rotated in place)
+            self.native.rope_and_store(qkv, cos, sin, *cache.layer_slots(layer), meta.slot_mapping, nh, nkv)
+            q = qkv[:, : self.q_size].view(t, nh, hd)
+        else:  # q and k are rotated together: one RoPE call over their heads side by side
+            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, nh + nkv, hd), cos, sin)
+            q, k = qk[:, :nh], qk[:, nh:]
+            cache.write(layer, meta.slot_mapping, k, qkv[:, self.q_size + self.kv_size:].view(t, nkv, hd))
         if self._native_attention_fits(meta, cache):
             # One call for every sequence, reading K/V in place (no gather, no per-sequence SDPA).
             info, slots = meta.kernel_args
@@ -365,14 +368,31 @@ class LlamaModel:
             info, slots = meta.kernel_args
             return self.fused.forward(hidden, *cache.slot_views(), self.cos[positions], self.signed_sin[positions],
                                       meta.slot_mapping, info, slots, num_layers or self.num_layers)
-        cos = self.cos[positions].unsqueeze(1).to(self.dtype)
-        sin = self.signed_sin[positions].unsqueeze(1).to(self.dtype)
-        for i, lw in enumerate(self.layers[: num_layers or self.num_layers]):
-            x = self._rms_norm(hidden, lw.attn_norm, eps)
-            hidden = hidden + self._attention(x, i, lw, cos, sin, meta, cache)
-            x = self._rms_norm(hidden, lw.ffn_norm, eps)
-            hidden = hidden + lw.down(self._swiglu(lw.gate_up(x)))
+        cos, sin = self.cos[positions], self.signed_sin[positions]  # fp32 [T, hd] for the native rows
+        if not self._native_rows(cache):
+            cos, sin = cos.unsqueeze(1).to(self.dtype), sin.unsqueeze(1).to(self.dtype)
+        layers = self.layers[: num_layers or self.num_layers]
+        x = self._rms_norm(hidden, layers[0].attn_norm, eps) if layers else hidden
+        for i, lw in enumerate(layers):
+            x = self._add_rms_norm(hidden, self._attention(x, i, lw, cos, sin, meta, cache), lw.ffn_norm, eps)
+            delta = lw.down(self._swiglu(lw.gate_up(x)))
+            if i + 1 < len(layers):
+                x = self._add_rms_norm(hidden, delta, layers[i + 1].attn_norm, eps)
+            else:
+                hidden += delta
         return hidden
+
+    def _native_rows(self, cache: KVCache) -> bool:
+        """Whether the op-by-op path's row-wise steps (RoPE + K/V write) run natively."""
+        return self.native is not None and cache.k.device.type == "cpu" and cache.k.dtype in NATIVE_KV_DTYPES
+
+    def _add_rms_norm(self, hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+        """hidden += delta in place (the residual stream), then the next RMSNorm of it."""
+        if self.native is not None and hidden.device.type == "cpu":
+            return self.native.add_rms_norm(hidden, delta, weight, eps)
+        hidden += delta
+        return F.rms_norm(hidden, (hidden.shape[-1],), weight, eps)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if self.native is not None:
