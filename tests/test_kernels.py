@@ -81,12 +81,14 @@ def _reference_attention(q, k_slots, v_slots, seqs):
 @pytest.mark.parametrize("nh,nkv,d", [(6, 2, 40), (9, 3, 64), (8, 2, 128), (4, 4, 64)])  # generic and register paths
 def test_paged_attention_matches_sdpa_on_a_mixed_batch(native, cache_dtype, nh, nkv, d):
     torch.manual_seed(1)
-    num_slots = 512
+    num_slots = 1024
     k_slots = torch.randn(num_slots, nkv, d).to(cache_dtype)
     v_slots = torch.randn(num_slots, nkv, d).to(cache_dtype)
     perm = torch.randperm(num_slots)
-    # (q_len, kv_len): decode, verification of drafts, a chunk after a prefix, a whole short prompt
-    shapes = [(1, 1), (1, 130), (5, 77), (12, 200), (3, 3)]
+    # (q_len, kv_len): decode, verification of drafts, a chunk after a prefix, a whole short prompt;
+    # then prefill chunks (on AMX tiles with a bf16 cache): a prompt that is not a multiple of 16,
+    # a 16-token chunk after 74 cached tokens, a longer prompt
+    shapes = [(1, 1), (1, 130), (5, 77), (12, 200), (3, 3), (37, 37), (16, 90), (70, 70)]
     seqs, offset, used = [], 0, 0
     for q_len, kv_len in shapes:
         seqs.append((offset, q_len, perm[used: used + kv_len]))  # scattered, non-contiguous slots
@@ -340,3 +342,12 @@ def test_fused_step_matches_pytorch_on_the_same_dequantized_weights(native, tmp_
     # bf16 (measured: 0.68% / 1.02% of the spread for fp32 / bf16 caches; 0.80% for bf16 before)
     spread = (want.max(dim=-1).values - want.min(dim=-1).values)[:, None]
     assert ((got - want).abs() / spread).max().item() < (0.01 if cache_dtype == torch.float32 else 0.015)
+
+
+def test_verification_steps_stay_on_the_row_attention_kernel(native):
+    """Prefill chunks from AMX_ATTENTION_MIN_ROWS new tokens go to the tile-unit attention, which
+    rounds differently from the row kernel; a verification step (at most MAX_SPEC_TOKENS drafts + 1
+    rows per sequence) must stay below it, or greedy speculative output could leave plain output."""
+    from specache.config import MAX_SPEC_TOKENS
+
+    assert MAX_SPEC_TOKENS + 1 < native.AMX_ATTENTION_MIN_ROWS

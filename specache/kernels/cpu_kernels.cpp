@@ -693,6 +693,227 @@ void attend_group(const float* q, int64_t heads, const T* k_base, const T* v_bas
     for (int64_t i = 0; i < d; ++i) out[h * d + i] *= inv_total[h];
 }
 
+#ifdef SPECACHE_AMX
+// ---- prefill-sized attention on the tile unit (bf16 cache) ----
+// A sequence bringing at least kAmxAttentionMinRows new tokens (a prefill chunk) is attended per
+// query head in blocks of 16 queries: S = Q K^T on the tile unit (q scaled, rounded to bf16; fp32
+// sums), an exact softmax over each row's visible keys (P rounded to bf16 in place, the
+// denominator summing the rounded values, as the one-row kernel does), O = P V on the tile unit.
+// The row-at-a-time kernel recomputes nothing either, but at ~7 us per query row and layer (300
+// keys) it lost to SDPA's blocked kernel above 64 rows. From 32 rows: a verification step (at most
+// 16 drafts + 1) stays on the row kernel, so its rows round exactly as plain decode rows do.
+constexpr int64_t kAmxAttentionMinRows = 32;
+
+// All eight tiles as 16 rows x 64 bytes: S / O accumulators 0-3, A (Q or P) 4, B (K^T or V) 6.
+void amx_configure_attention() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  compiler_barrier();
+  _tile_loadconfig(&cfg);
+}
+
+// Tile numbers must be immediates, hence the switches.
+inline void tile_zero_acc(int c) {
+  switch (c) {
+    case 0: _tile_zero(0); break;
+    case 1: _tile_zero(1); break;
+    case 2: _tile_zero(2); break;
+    default: _tile_zero(3); break;
+  }
+}
+
+inline void tile_dp_acc(int c) {  // accumulator c += tile 4 x tile 6
+  switch (c) {
+    case 0: _tile_dpbf16ps(0, 4, 6); break;
+    case 1: _tile_dpbf16ps(1, 4, 6); break;
+    case 2: _tile_dpbf16ps(2, 4, 6); break;
+    default: _tile_dpbf16ps(3, 4, 6); break;
+  }
+}
+
+inline void tile_store_acc(int c, float* dst, int64_t stride_bytes) {
+  switch (c) {
+    case 0: _tile_stored(0, dst, stride_bytes); break;
+    case 1: _tile_stored(1, dst, stride_bytes); break;
+    case 2: _tile_stored(2, dst, stride_bytes); break;
+    default: _tile_stored(3, dst, stride_bytes); break;
+  }
+  compiler_barrier();
+}
+
+// One KV head's keys as K^T tiles: tile (j, c) = keys 16j .. 16j + 15 x dims 32c .. 32c + 31, as 16
+// rows of dim pairs x 16 keys (TDPBF16PS's B layout); keys past kv_len are zero.
+void layout_keys(const uint16_t* k, const int64_t* slots, int64_t kv_len, int64_t stride, int64_t d, uint32_t* kt) {
+  const int64_t blocks = (kv_len + 15) / 16, chunks = d / 32;
+  for (int64_t j = 0; j < blocks; ++j)
+    for (int64_t n = 0; n < 16; ++n) {
+      const int64_t key = j * 16 + n;
+      const auto* row = key < kv_len ? reinterpret_cast<const uint32_t*>(k + slots[key] * stride) : nullptr;
+      for (int64_t c = 0; c < chunks; ++c) {
+        uint32_t* tile = kt + (j * chunks + c) * 256;
+        for (int64_t r = 0; r < 16; ++r) tile[r * 16 + n] = row != nullptr ? row[c * 16 + r] : 0u;
+      }
+    }
+}
+
+// One KV head's values: tile (jb, c) = keys 32jb .. 32jb + 31 x dims 16c .. 16c + 15, as 16 rows of
+// key pairs x 16 dims holding (V[2r][n], V[2r + 1][n]); keys past kv_len are zero.
+void layout_values(const uint16_t* v, const int64_t* slots, int64_t kv_len, int64_t stride, int64_t d, uint16_t* vt) {
+  const int64_t pair_blocks = (kv_len + 31) / 32, chunks = d / 16;
+  for (int64_t jb = 0; jb < pair_blocks; ++jb)
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t e = 0; e < 2; ++e) {
+        const int64_t key = jb * 32 + 2 * r + e;
+        const uint16_t* row = key < kv_len ? v + slots[key] * stride : nullptr;
+        for (int64_t c = 0; c < chunks; ++c) {
+          uint16_t* tile = vt + (jb * chunks + c) * 512;
+          for (int64_t n = 0; n < 16; ++n) tile[r * 32 + n * 2 + e] = row != nullptr ? row[c * 16 + n] : 0;
+        }
+      }
+}
+
+struct AttentionScratch {
+  std::vector<uint16_t> q, probs;
+  std::vector<float> scores;
+};
+
+// Softmax of one row's first `visible` scores into bf16 probabilities over `cols` columns (zero past
+// `visible`), in place over the fp32 row; returns 1 / (sum of the rounded probabilities).
+float softmax_row_bf16(float* row, int64_t visible, int64_t cols, uint16_t* probs) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < visible; j += 16)
+    vmax = _mm512_mask_max_ps(vmax, tail_mask(visible - j), vmax, _mm512_maskz_loadu_ps(tail_mask(visible - j), row + j));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 m = j < visible ? tail_mask(visible - j) : 0;
+    const __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), mx)));
+    const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(e);
+    total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + j), rounded);
+  }
+  return 1.f / _mm512_reduce_add_ps(total);
+}
+
+// One query head of one sequence: q rows at q + i * q_stride, output rows at out + i * out_stride;
+// kt / vt its KV head's tiles. d a multiple of 32.
+void amx_attend_head(const float* q, int64_t q_stride, const uint32_t* kt, const uint16_t* vt, int64_t q_len,
+                     int64_t kv_len, int64_t d, float scale, float* out, int64_t out_stride, AttentionScratch& s) {
+  const int64_t chunks = d / 32, vchunks = d / 16, cols_max = (kv_len + 31) / 32 * 32;
+  s.scores.resize(16 * cols_max), s.probs.resize(16 * cols_max), s.q.resize(16 * d);
+  alignas(64) float o_tile[16 * 16];
+  for (int64_t i0 = 0; i0 < q_len; i0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, q_len - i0);
+    const int64_t key_blocks = (kv_len - q_len + i0 + rows + 15) / 16;  // as far as the block's last row sees
+    const int64_t cols = (key_blocks * 16 + 31) / 32 * 32;
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t j = 0; j < d; j += 16) {
+        const __m512 x = r < rows ? _mm512_mul_ps(_mm512_loadu_ps(q + (i0 + r) * q_stride + j), _mm512_set1_ps(scale))
+                                  : _mm512_setzero_ps();
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.q.data() + r * d + j), (__m256i)_mm512_cvtneps_pbh(x));
+      }
+    compiler_barrier();
+    for (int64_t c = 0; c < chunks; c += 2) {  // S = Q K^T, 16 keys per tile, 64 dims per pass
+      const bool two = c + 1 < chunks;
+      _tile_loadd(4, s.q.data() + c * 32, d * 2);
+      if (two) _tile_loadd(5, s.q.data() + (c + 1) * 32, d * 2);
+      for (int64_t j = 0; j < key_blocks; ++j) {
+        if (c == 0) {
+          _tile_zero(0);
+        } else {
+          _tile_loadd(0, s.scores.data() + j * 16, cols_max * 4);
+        }
+        _tile_loadd(6, kt + (j * chunks + c) * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two) {
+          _tile_loadd(7, kt + (j * chunks + c + 1) * 256, 64);
+          _tile_dpbf16ps(0, 5, 7);
+        }
+        tile_store_acc(0, s.scores.data() + j * 16, cols_max * 4);
+      }
+    }
+    float inv_total[16];
+    for (int64_t r = 0; r < 16; ++r) {
+      uint16_t* probs = s.probs.data() + r * cols_max;
+      if (r < rows) {
+        inv_total[r] = softmax_row_bf16(s.scores.data() + r * cols_max, kv_len - q_len + i0 + r + 1, cols, probs);
+      } else {
+        std::memset(probs, 0, cols * sizeof(uint16_t));
+        inv_total[r] = 0.f;
+      }
+    }
+    compiler_barrier();
+    for (int64_t c0 = 0; c0 < vchunks; c0 += 4) {  // O = P V, up to 64 output dims per pass
+      const int64_t nc = std::min<int64_t>(4, vchunks - c0);
+      for (int c = 0; c < nc; ++c) tile_zero_acc(c);
+      for (int64_t jb = 0; jb < cols / 32; ++jb) {
+        _tile_loadd(4, s.probs.data() + jb * 32, cols_max * 2);
+        for (int c = 0; c < nc; ++c) {
+          _tile_loadd(6, vt + (jb * vchunks + c0 + c) * 512, 64);
+          tile_dp_acc(c);
+        }
+      }
+      for (int c = 0; c < nc; ++c) {
+        tile_store_acc(c, o_tile, 64);
+        for (int64_t r = 0; r < rows; ++r)
+          _mm512_storeu_ps(out + (i0 + r) * out_stride + (c0 + c) * 16,
+                           _mm512_mul_ps(_mm512_loadu_ps(o_tile + r * 16), _mm512_set1_ps(inv_total[r])));
+      }
+    }
+  }
+}
+
+// The long sequences `long_seqs` of a step: first each (sequence, KV head) lays out its tiles, then
+// one work item per (sequence, query head) attends.
+void amx_prefill_attention(const float* q, int64_t q_stride, const at::BFloat16* k, const at::BFloat16* v,
+                           const int64_t* info, const int64_t* slots, const std::vector<int64_t>& long_seqs,
+                           int64_t nh, int64_t nkv, int64_t d, float scale, float* out) {
+  const int64_t group = nh / nkv, n = static_cast<int64_t>(long_seqs.size());
+  std::vector<int64_t> kt_at(n * nkv + 1, 0), vt_at(n * nkv + 1, 0);  // each layout's offset
+  for (int64_t i = 0; i < n * nkv; ++i) {
+    const int64_t kv_len = info[long_seqs[i / nkv] * 4 + 2];
+    kt_at[i + 1] = kt_at[i] + (kv_len + 15) / 16 * (d / 32) * 256;
+    vt_at[i + 1] = vt_at[i] + (kv_len + 31) / 32 * (d / 16) * 512;
+  }
+  thread_local std::vector<uint32_t> kt_buffer;  // the calling thread's, shared with the workers below
+  thread_local std::vector<uint16_t> vt_buffer;
+  std::vector<uint32_t>& kt = kt_buffer;
+  std::vector<uint16_t>& vt = vt_buffer;
+  kt.resize(kt_at.back()), vt.resize(vt_at.back());
+  at::parallel_for(0, n * nkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = long_seqs[i / nkv], g = i % nkv;
+      const int64_t* seq_slots = slots + info[b * 4 + 3];
+      layout_keys(reinterpret_cast<const uint16_t*>(k) + g * d, seq_slots, info[b * 4 + 2], nkv * d, d,
+                  kt.data() + kt_at[i]);
+      layout_values(reinterpret_cast<const uint16_t*>(v) + g * d, seq_slots, info[b * 4 + 2], nkv * d, d,
+                    vt.data() + vt_at[i]);
+    }
+  });
+  at::parallel_for(0, n * nh, 1, [&](int64_t begin, int64_t end) {
+    thread_local AttentionScratch scratch;  // this worker's
+    amx_configure_attention();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / nh, b = long_seqs[i], h = item % nh, layout = i * nkv + h / group;
+      const int64_t q_start = info[b * 4], q_len = info[b * 4 + 1], kv_len = info[b * 4 + 2];
+      amx_attend_head(q + q_start * q_stride + h * d, q_stride, kt.data() + kt_at[layout], vt.data() + vt_at[layout],
+                      q_len, kv_len, d, scale, out + (q_start * nh + h) * d, nh * d, scratch);
+    }
+    _tile_release();
+  });
+}
+
+// Whether a sequence of this step goes to amx_prefill_attention.
+template <typename T>
+bool amx_attention_takes(int64_t q_len, int64_t d) {
+  return std::is_same_v<T, at::BFloat16> && q_len >= kAmxAttentionMinRows && d % 32 == 0 && amx_enabled();
+}
+#else
+constexpr int64_t kAmxAttentionMinRows = 32;
+template <typename T>
+bool amx_attention_takes(int64_t, int64_t) { return false; }
+#endif
+
 // Query head h of token t is at q + t * q_stride + h * d (q_stride lets the fused step read the
 // rotated q heads straight out of its qkv rows); the output is [T, nh, d]. Work items are
 // (sequence, KV head, query row), so the heads sharing a KV head read it once.
@@ -704,10 +925,20 @@ void paged_attention_impl(const float* q, int64_t q_stride, const T* k, const T*
   TORCH_CHECK(group <= kMaxGroup, "paged_attention: at most ", kMaxGroup, " query heads per KV head");
   int64_t max_kv = 1;
   std::vector<int64_t> first_item(num_seqs + 1, 0);  // work items of sequence b: [first_item[b], first_item[b+1])
+  std::vector<int64_t> long_seqs;  // prefill chunks, for the tile unit
   for (int64_t b = 0; b < num_seqs; ++b) {
-    max_kv = std::max(max_kv, info[b * 4 + 2]);
-    first_item[b + 1] = first_item[b] + info[b * 4 + 1] * nkv;
+    const bool tiles = amx_attention_takes<T>(info[b * 4 + 1], d);
+    if (tiles) long_seqs.push_back(b);
+    else max_kv = std::max(max_kv, info[b * 4 + 2]);
+    first_item[b + 1] = first_item[b] + (tiles ? 0 : info[b * 4 + 1] * nkv);
   }
+#ifdef SPECACHE_AMX
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (!long_seqs.empty())
+      amx_prefill_attention(q, q_stride, k, v, info, slots, long_seqs, nh, nkv, d, scale, out);
+  }
+#endif
+  if (first_item[num_seqs] == 0) return;
   at::parallel_for(0, first_item[num_seqs], 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * max_kv);
     int64_t b = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
@@ -724,6 +955,15 @@ void paged_attention_impl(const float* q, int64_t q_stride, const T* k, const T*
 }
 
 }  // namespace
+
+// Whether paged_attention takes prefill chunks of any length on a bf16 cache (on AMX tiles).
+bool amx_attention_available() {
+#ifdef SPECACHE_AMX
+  return amx_enabled();
+#else
+  return false;
+#endif
+}
 
 // The kernels index raw memory with these: a bad slot would corrupt the heap instead of raising
 // (as index_copy_ did), so check them once per call (O(tokens + slots), nothing next to the math).
@@ -1186,6 +1426,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("argmax_rows", &argmax_rows, "each row's argmax (first on ties)", py::call_guard<py::gil_scoped_release>());
   m.attr("MAX_GROUP") = kMaxGroup;
+  m.def("amx_attention", &amx_attention_available, "whether bf16-cache prefill attention runs on AMX tiles");
+  m.attr("AMX_ATTENTION_MIN_ROWS") = kAmxAttentionMinRows;
   m.def("amx_pack", &amx_pack, "q's AMX tile layout (empty where AMX is unavailable)");
   m.def("paged_attention", &paged_attention, "attention of every sequence of a step over the flat KV slots",
         py::call_guard<py::gil_scoped_release>());

@@ -97,9 +97,10 @@ class PaddedBatch:
 WEIGHT_FORMATS = ("dense", "int8", "hybrid")
 NATIVE_KV_DTYPES = (torch.float32, torch.bfloat16)  # what the native attention reads
 # Above this many new tokens per sequence (prefill chunks) SDPA's blocked kernel beats the native
-# one, which computes each query row on its own. Up to it a hybrid model's short prompt is one
-# fused native call (measured, bf16: 48 tokens 23 -> 17 ms, 64 tokens 28 -> 22 ms vs 32 here;
-# dense models unchanged within noise).
+# one, which computes each query row on its own (except on AMX CPUs with a bf16 cache, where the
+# native attention multiplies prefill chunks on the tile unit and takes any length). Up to it a
+# hybrid model's short prompt is one fused native call (measured, bf16: 48 tokens 23 -> 17 ms,
+# 64 tokens 28 -> 22 ms vs 32 here; dense models unchanged within noise).
 NATIVE_ATTENTION_MAX_Q = 64
 # On CUDA, steps whose sequences bring at most this many new tokens each (decode, verification)
 # run one padded SDPA call per layer: per-sequence calls are launch-bound there (16 sequences:
@@ -263,6 +264,8 @@ class LlamaModel:
         if weight_format == "hybrid" and self.device.type == "cpu":
             self._calibrate_hybrid()
         self.native = kernels.load() if self.device.type == "cpu" else None
+        # Prefill chunks of any length on a bf16 cache go to the native attention's AMX tiles.
+        self.amx_attention = self.native is not None and self.native.amx_attention()
         self.batched_attention = self.device.type == "cuda"  # see BATCHED_ATTENTION_MAX_Q
         self.fused = self._fused_decoder() if weight_format != "dense" else None
 
@@ -291,7 +294,8 @@ class LlamaModel:
         c = self.config
         return (self.native is not None and cache.k.dtype in NATIVE_KV_DTYPES and cache.k.device.type == "cpu"
                 and c.num_heads // c.num_kv_heads <= self.native.MAX_GROUP
-                and meta.max_q_len <= NATIVE_ATTENTION_MAX_Q)
+                and (meta.max_q_len <= NATIVE_ATTENTION_MAX_Q
+                     or (cache.k.dtype == torch.bfloat16 and self.amx_attention)))
 
     def _calibrate_hybrid(self) -> None:
         """Measure where int8 stops paying, once per projection shape (every layer shares them)."""
