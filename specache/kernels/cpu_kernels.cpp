@@ -420,12 +420,17 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// scores[j] <- exp(scores[j] - max), returns the sum (the softmax denominator).
-inline float exp_and_sum(float* scores, int64_t n) {
+// The largest of row[0 .. n), n >= 1.
+inline float row_max(const float* row, int64_t n) {
   __m512 vmax = _mm512_set1_ps(-INFINITY);
   for (int64_t j = 0; j < n; j += 16)
-    vmax = _mm512_mask_max_ps(vmax, tail_mask(n - j), vmax, _mm512_maskz_loadu_ps(tail_mask(n - j), scores + j));
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    vmax = _mm512_mask_max_ps(vmax, tail_mask(n - j), vmax, _mm512_maskz_loadu_ps(tail_mask(n - j), row + j));
+  return _mm512_reduce_max_ps(vmax);
+}
+
+// scores[j] <- exp(scores[j] - max), returns the sum (the softmax denominator).
+inline float exp_and_sum(float* scores, int64_t n) {
+  const __m512 mx = _mm512_set1_ps(row_max(scores, n));
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = tail_mask(n - j);
@@ -575,10 +580,7 @@ void attend_group_bf16(const float* q, const void* k_raw, const void* v_raw, con
   float inv_total[G];
   for (int h = 0; h < G; ++h) {
     float* row = scores + h * visible;
-    __m512 vmax = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < visible; j += 16)
-      vmax = _mm512_mask_max_ps(vmax, tail_mask(visible - j), vmax, _mm512_maskz_loadu_ps(tail_mask(visible - j), row + j));
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    const __m512 mx = _mm512_set1_ps(row_max(row, visible));
     auto* probs = reinterpret_cast<uint16_t*>(row);
     __m512 total = _mm512_setzero_ps();
     for (int64_t j = 0; j < visible; j += 16) {  // reads bytes 4j.., writes 2j..: never ahead of the reads
@@ -780,10 +782,7 @@ struct AttentionScratch {
 // Softmax of one row's first `visible` scores into bf16 probabilities over `cols` columns (zero past
 // `visible`), in place over the fp32 row; returns 1 / (sum of the rounded probabilities).
 float softmax_row_bf16(float* row, int64_t visible, int64_t cols, uint16_t* probs) {
-  __m512 vmax = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < visible; j += 16)
-    vmax = _mm512_mask_max_ps(vmax, tail_mask(visible - j), vmax, _mm512_maskz_loadu_ps(tail_mask(visible - j), row + j));
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  const __m512 mx = _mm512_set1_ps(row_max(row, visible));
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = 0; j < cols; j += 16) {
     const __mmask16 m = j < visible ? tail_mask(visible - j) : 0;
