@@ -259,3 +259,21 @@ def test_stats_expected_speedup_uses_the_seed_formula():
     s = c.stats()
     assert s["draft_cost_ratio"] == pytest.approx(0.2)
     assert s["expected_speedup"] == pytest.approx(expected_speedup(c.alpha(), 4, 0.2))
+
+
+def test_attention_over_long_contexts_makes_wide_verification_dear():
+    """Each verification row attends to its sequence's whole context, which the pass table (a
+    short context) leaves out: with 16 sequences of 2000 tokens, K falls where a short context
+    keeps it, and a single sequence still drafts."""
+    c = SpecController(max_k=4)
+    c.calibrate(MEMORY_BOUND, attention_ms_per_key=0.0008)  # measured here: ~0.0007-0.0008
+    alpha = 0.7
+    c.set_context(50)
+    short = c.best_k(alpha, 16)
+    c.set_context(2000)
+    long = c.best_k(alpha, 16)
+    assert short > 0 and long < short
+    assert c.best_k(alpha, 1) > 0  # one sequence: 4 extra rows of attention are cheap
+    assert c.step_ms(2, 16) == pytest.approx(c._pass_ms(48) + 0.0008 * 48 * 2000)  # 48 rows x 2000 keys
+    c.set_context(0)
+    assert c.step_ms(2, 16) == pytest.approx(c._pass_ms(48))

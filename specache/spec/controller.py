@@ -87,6 +87,11 @@ class SpecController:
         self.max_probe_overhead = max_probe_overhead
         self.max_probe_backoff = max_probe_backoff
         self._step_ms: dict[int, float] = {}  # tokens in one target pass -> ms
+        # Attention's share, which the pass table (measured on a short context) leaves out: ms per
+        # query row and context token. Every verification row attends to its sequence's whole
+        # context, so at 16 sequences x 350 tokens a K=4 step spends ~5x plain decoding's attention.
+        self.attention_ms_per_key = 0.0
+        self.context_tokens = 0  # context length of the sequence being decided (set_context)
         self._verify_ms: Callable[[int, int], float] | None = None  # (K, batch) -> ms
         self._plain_ms: Callable[[int], float] | None = None  # batch -> ms
         self._draft_ms: Callable[[int, int], float] | None = None  # (K, batch) -> ms
@@ -108,15 +113,19 @@ class SpecController:
     def calibrate(self, step_cost_s: Mapping[int, float] | None = None, *,
                   verify_ms: Callable[[int, int], float] | None = None,
                   plain_ms: Callable[[int], float] | None = None,
-                  draft_ms: Callable[[int, int], float] | None = None) -> None:
+                  draft_ms: Callable[[int, int], float] | None = None,
+                  attention_ms_per_key: float | None = None) -> None:
         """Set the cost model once at start.
 
         step_cost_s: measured seconds for one target pass over n tokens ({n: seconds}); verify of
         K drafts for a batch of B costs step(B * (K + 1)), plain decoding step(B). Or give
         verify_ms(K, batch) and plain_ms(batch) directly. draft_ms(K, batch): drafting time for the
         batch; without it, K times the measured time of one drafting pass at that batch size
-        (`record_draft_time`).
+        (`record_draft_time`). attention_ms_per_key: attention's cost per query row and context
+        token, added for every row of a step (see `set_context`).
         """
+        if attention_ms_per_key is not None:
+            self.attention_ms_per_key = max(0.0, attention_ms_per_key)
         if step_cost_s:
             self._step_ms = {n: s * 1000.0 for n, s in sorted(step_cost_s.items())}
         self._verify_ms = verify_ms or self._verify_ms
@@ -164,9 +173,19 @@ class SpecController:
         slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
         return ys[i - 1] + slope * (tokens - xs[i - 1])
 
+    def set_context(self, tokens: int) -> None:
+        """The context length of the sequence whose K is decided next: its K + 1 rows each attend
+        to it (the batch is costed as sequences of this length)."""
+        self.context_tokens = max(0, tokens)
+
     def step_ms(self, k: int, batch: int, free_draft: bool = False) -> float:
         """Predicted time of one decode step for a batch of `batch` sequences drafting k each
-        (free_draft: the drafts cost nothing next to a target pass, e.g. a prompt-lookup hit)."""
+        (free_draft: the drafts cost nothing next to a target pass, e.g. a prompt-lookup hit),
+        attention over the context included."""
+        attention = self.attention_ms_per_key * batch * (k + 1) * self.context_tokens
+        return self._step_without_attention(k, batch, free_draft) + attention
+
+    def _step_without_attention(self, k: int, batch: int, free_draft: bool = False) -> float:
         if k == 0:
             return self._plain_ms(batch) if self._plain_ms else self._pass_ms(batch)
         verify = self._verify_cost(k, batch)
@@ -309,7 +328,7 @@ class SpecController:
         rate = self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
         mean_k = self.draft_tokens / drafts if drafts else 0.0
         # c = drafting one token / one plain step (batch 1), as in the seed speedup formula
-        ratio = (self.step_ms(1, 1) - self._verify_cost(1, 1)) / self.step_ms(0, 1)
+        ratio = (self._step_without_attention(1, 1) - self._verify_cost(1, 1)) / self._step_without_attention(0, 1)
         alpha = self.alpha()
         return {
             "drafts": drafts,

@@ -108,6 +108,31 @@ def measure_step_costs(engine, sizes: tuple[int, ...] = STEP_COST_SIZES, repeats
     return costs
 
 
+def measure_attention_cost(engine, context: int = 1024, repeats: int = 5) -> float:
+    """ms per query row and context token: one decode step at the end of a `context`-token
+    sequence against one at its start (the cache's contents do not matter for the timing)."""
+    from specache.engine.sequence import Sequence
+    from specache.sampling import SamplingParams
+
+    pool = engine.pool
+    if pool.blocks_needed(context) > pool.num_free:
+        return 0.0
+    seq = Sequence(-1, "calibrate", 0, [0] * context, SamplingParams(temperature=0))
+    seq.block_table = pool.allocate(pool.blocks_needed(context))
+    try:
+        times = {}
+        for start in (0, context - 1):
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                engine.runner.run([BatchItem(seq, [0], start, 1)])
+                best = min(best, time.perf_counter() - t0)
+            times[start] = best
+    finally:
+        pool.free(seq.block_table)
+    return max(0.0, (times[context - 1] - times[0]) * 1000.0 / (context - 1))
+
+
 class SpecDecoder:
     def __init__(self, engine, method: str, num_spec_tokens: int) -> None:
         self.engine = engine
@@ -115,7 +140,7 @@ class SpecDecoder:
         self.max_k = num_spec_tokens
         self.proposer = build_proposer(engine, method)
         self.controller = SpecController(max_k=num_spec_tokens)
-        self.controller.calibrate(measure_step_costs(engine))
+        self.controller.calibrate(measure_step_costs(engine), attention_ms_per_key=measure_attention_cost(engine))
         self._draft_probs: dict[int, torch.Tensor | None] = {}
         # seq_id -> (index in seq.tokens of the shadow draft's first token, the drafted tokens)
         self._shadows: dict[int, tuple[int, list[int]]] = {}
@@ -136,6 +161,7 @@ class SpecDecoder:
         if not self.engine.config.spec_adaptive:
             return self.max_k
         batch = len(self.engine.scheduler.running)
+        self.controller.set_context(seq.num_tokens)
         free = self.proposer.drafts_free_for(seq.seq_id, seq.tokens)
         if free and not self.controller.wants_draft(self._key(seq.seq_id, True), batch, free_draft=True) \
                 and self.proposer.fall_back(seq.seq_id, seq.tokens):
