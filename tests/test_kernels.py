@@ -86,9 +86,9 @@ def test_paged_attention_matches_sdpa_on_a_mixed_batch(native, cache_dtype, nh, 
     v_slots = torch.randn(num_slots, nkv, d).to(cache_dtype)
     perm = torch.randperm(num_slots)
     # (q_len, kv_len): decode, verification of drafts, a chunk after a prefix, a whole short prompt;
-    # then prefill chunks (on AMX tiles with a bf16 cache): a prompt that is not a multiple of 16,
-    # a 16-token chunk after 74 cached tokens, a longer prompt
-    shapes = [(1, 1), (1, 130), (5, 77), (12, 200), (3, 3), (37, 37), (16, 90), (70, 70)]
+    # then prefill chunks (from 32 tokens on AMX tiles with a bf16 cache): a prompt that is not a
+    # multiple of 16, a 40-token chunk after 80 cached tokens, a longer prompt
+    shapes = [(1, 1), (1, 130), (5, 77), (12, 200), (3, 3), (37, 37), (40, 120), (70, 70)]
     seqs, offset, used = [], 0, 0
     for q_len, kv_len in shapes:
         seqs.append((offset, q_len, perm[used: used + kv_len]))  # scattered, non-contiguous slots

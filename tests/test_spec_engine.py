@@ -205,3 +205,12 @@ def test_a_broken_verifier_fails_the_same_check(small_vocab, monkeypatch):
     spec_llm, plain, _, _ = small_vocab
     monkeypatch.setattr(decoder, "verify", accept_all)
     assert _chi2_two_sample(plain, _first_tokens(spec_llm, 2500, 200_000)) < 1e-6
+
+
+def test_cost_model_calibration_fits_a_short_max_model_len(tiny_model_dir):
+    """The controller's attention measurement runs a step at the end of a long context: a model
+    whose max_model_len is shorter than that context must still start (measured at its length)."""
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="ngram", num_spec_tokens=3, max_model_len=96)
+    assert llm.engine.spec.controller.attention_ms_per_key >= 0.0
+    out = llm.generate([[5, 6, 7, 5, 6, 7, 5, 6]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 8 and llm.engine.pool.all_free()

@@ -115,7 +115,8 @@ def measure_attention_cost(engine, context: int = 1024, repeats: int = 5) -> flo
     from specache.sampling import SamplingParams
 
     pool = engine.pool
-    if pool.blocks_needed(context) > pool.num_free:
+    context = min(context, engine.max_model_len)
+    if context < 2 or pool.blocks_needed(context) > pool.num_free:
         return 0.0
     seq = Sequence(-1, "calibrate", 0, [0] * context, SamplingParams(temperature=0))
     seq.block_table = pool.allocate(pool.blocks_needed(context))
