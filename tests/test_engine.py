@@ -107,3 +107,12 @@ def test_finished_only_steps_report_just_the_finished_requests(tiny_llm):
         reported += [o.request_id for o in outs]
     assert reported == ids  # each exactly once, the shorter first
     assert not engine.requests and engine.pool.all_free()
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "hybrid"])
+def test_a_prompt_longer_than_the_token_budget_on_int8_weights(tiny_model_dir, weight_format):
+    """Chunked prefill: the chunks before the prompt's last one produce no logits rows (the native
+    int8 GEMM used to divide by zero on them, killing the process)."""
+    llm = LLM(model=str(tiny_model_dir), dtype="bfloat16", weight_format=weight_format, max_num_batched_tokens=32)
+    out = llm.generate([list(range(100, 200))], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 4 and llm.engine.pool.all_free()

@@ -351,3 +351,11 @@ def test_verification_steps_stay_on_the_row_attention_kernel(native):
     from specache.config import MAX_SPEC_TOKENS
 
     assert MAX_SPEC_TOKENS + 1 < native.AMX_ATTENTION_MIN_ROWS
+
+
+def test_int8_linear_takes_zero_rows(native):
+    q, scale = _quantize(torch.randn(64, 576))
+    packed = native.amx_pack(q)
+    for x in (torch.randn(0, 576), torch.randn(0, 576).bfloat16()):
+        y = native.int8_linear(x, q, scale, packed)
+        assert y.shape == (0, 64) and y.dtype == x.dtype

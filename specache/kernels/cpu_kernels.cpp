@@ -302,6 +302,7 @@ void amx_block(const int8_t* packed, const float* scale, const Limbs& x, int64_t
 // y[M, N] = x[M, K] @ (w * scale)^T on the tile unit, any M; x fp32 or bf16, y fp32 or bf16.
 template <typename In, typename Out>
 void amx_gemm(const int8_t* packed, const float* scale, const In* x, int64_t m, int64_t k, int64_t n, Out* y) {
+  if (m == 0) return;  // (a prefill chunk without logits rows reaches the LM head with none)
   const Limbs& limbs = split_rows(x, m, k);
   const bool large = m > kAmxLargeRows;
   const int64_t blocks = n / kTileN;

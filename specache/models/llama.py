@@ -419,5 +419,7 @@ class LlamaModel:
         """Logits [M, V] for the flat tokens at ``logits_indices`` (all tokens when None)."""
         hidden = self.hidden_states(input_ids, positions, meta, cache, num_layers)
         if logits_indices is not None:
+            if logits_indices.numel() == 0:  # prefill chunks that end no prompt: no LM head at all
+                return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
             hidden = hidden[logits_indices]
         return self.logits(hidden)
