@@ -184,6 +184,10 @@ def test_amx_path_matches_float64_and_is_batch_invariant(native):
             got = native.int8_linear(x[:rows], q, scale, packed)
             assert ((got.double() - expected[:rows]).abs() <= bound[:rows]).all()
         assert torch.equal(native.int8_linear(x[3:4], q, scale, packed), torch.zeros(1, n))
+        broken = x[:2].clone()
+        broken[1, 9] = float("nan")  # a NaN activation is not hidden: its row comes out NaN
+        got = native.int8_linear(broken, q, scale, packed)
+        assert got[1].isnan().all() and torch.equal(got[0], native.int8_linear(x[:1], q, scale, packed)[0])
     together = native.int8_linear(x, q, scale, packed)  # 40 rows: three tiles
     for i in range(40):
         assert torch.equal(native.int8_linear(x[i: i + 1], q, scale, packed)[0], together[i])

@@ -16,6 +16,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -195,11 +196,16 @@ struct Limbs {
 template <typename In>
 void split_row(const In* x, int64_t k, int8_t* hi, int8_t* lo, float* s1, float* s2) {
   __m512 amax = _mm512_setzero_ps();
-  for (int64_t j = 0; j < k; j += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x + j, 0xFFFF)));
-  const float top = _mm512_reduce_max_ps(amax);
-  if (!(top > 0.f)) {  // an all-zero row (its limbs and scales are zero)
+  __mmask16 nan = 0;  // max_ps drops NaNs: track them apart
+  for (int64_t j = 0; j < k; j += 16) {
+    const __m512 v = load16(x + j, 0xFFFF);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  const float top = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(amax);
+  if (!(top > 0.f)) {  // an all-zero row (zero limbs and scales), or one with a NaN (NaN scales)
     std::memset(hi, 0, k), std::memset(lo, 0, k);
-    *s1 = *s2 = 0.f;
+    *s1 = *s2 = top == 0.f ? 0.f : std::numeric_limits<float>::quiet_NaN();
     return;
   }
   *s1 = top / 127.f, *s2 = *s1 / 254.f;
