@@ -42,6 +42,13 @@ inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// Ask for `bytes` of memory (a cached key or value row, a weight tile) ahead of its use: the KV
+// cache streams from memory behind the slots' indirection, which hides the pattern from the
+// hardware prefetcher, and the weights of a step come from a few streams at once.
+inline void prefetch_row(const void* row, int bytes) {
+  for (int line = 0; line < bytes; line += 64) _mm_prefetch(static_cast<const char*>(row) + line, _MM_HINT_T0);
+}
+
 inline __m512 load_int8x16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -234,15 +241,14 @@ const Limbs& split_rows(const In* x, int64_t m, int64_t k) {
   return limbs;
 }
 
-// C tiles of block 0 or 1 (hi and lo sums) to 16 x 16 int32 buffers; tile numbers must be
-// immediates.
-inline void store_c_tiles(int block, int32_t* hi, int32_t* lo) {
-  if (block == 0) {
-    _tile_stored(0, hi, 64);
-    _tile_stored(1, lo, 64);
-  } else {
-    _tile_stored(2, hi, 64);
-    _tile_stored(3, lo, 64);
+// Accumulator tile 0-3 to memory (rows `stride_bytes` apart); tile numbers must be immediates,
+// hence the switch.
+inline void store_tile(int tile, void* dst, int64_t stride_bytes) {
+  switch (tile) {
+    case 0: _tile_stored(0, dst, stride_bytes); break;
+    case 1: _tile_stored(1, dst, stride_bytes); break;
+    case 2: _tile_stored(2, dst, stride_bytes); break;
+    default: _tile_stored(3, dst, stride_bytes); break;
   }
   compiler_barrier();
 }
@@ -258,10 +264,6 @@ inline void store_limb_row(const int32_t* hi, const int32_t* lo, float s1, float
   } else {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
   }
-}
-
-inline void prefetch_tile(const int8_t* tile) {
-  for (int64_t line = 0; line < kTileBytes; line += 64) _mm_prefetch(tile + line, _MM_HINT_T0);
 }
 
 // y[r0 .. r0 + rows, 16 * block0 .. 16 * (block0 + Blocks)) for rows <= 16 (tiles configured for
@@ -282,8 +284,8 @@ void amx_block(const int8_t* packed, const float* scale, const Limbs& x, int64_t
   }
   compiler_barrier();
   for (int64_t kb = 0; kb < kb_count; ++kb) {
-    prefetch_tile(w0 + (kb + kWeightPrefetch) * kTileBytes);
-    if (Blocks > 1) prefetch_tile(w1 + (kb + kWeightPrefetch) * kTileBytes);
+    prefetch_row(w0 + (kb + kWeightPrefetch) * kTileBytes, kTileBytes);
+    if (Blocks > 1) prefetch_row(w1 + (kb + kWeightPrefetch) * kTileBytes, kTileBytes);
     _tile_loadd(4, hi + kb * kTileK, k);
     _tile_loadd(5, lo + kb * kTileK, k);
     _tile_loadd(6, w0 + kb * kTileBytes, 64);
@@ -297,7 +299,8 @@ void amx_block(const int8_t* packed, const float* scale, const Limbs& x, int64_t
   }
   alignas(64) int32_t c_hi[16 * kTileN], c_lo[16 * kTileN];
   for (int b = 0; b < Blocks; ++b) {
-    store_c_tiles(b, c_hi, c_lo);
+    store_tile(2 * b, c_hi, 64);  // block b's hi and lo sums
+    store_tile(2 * b + 1, c_lo, 64);
     const int64_t n0 = (block0 + b) * kTileN;
     for (int64_t r = 0; r < rows; ++r)
       store_limb_row(c_hi + r * kTileN, c_lo + r * kTileN, x.s1[r0 + r], x.s2[r0 + r], scale + n0,
@@ -473,12 +476,6 @@ inline void group_accumulate(const float* probs, int64_t heads, int64_t stride, 
       _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(_mm512_set1_ps(probs[h * stride]), vv, _mm512_maskz_loadu_ps(m, o)));
     }
   }
-}
-
-// Ask for one cached key or value row (`bytes` long) ahead of its use: the KV cache streams from
-// memory, and the slots' indirection hides the pattern from the hardware prefetcher.
-inline void prefetch_row(const void* row, int bytes) {
-  for (int line = 0; line < bytes; line += 64) _mm_prefetch(static_cast<const char*>(row) + line, _MM_HINT_T0);
 }
 
 // attend_group for G heads of 16 * C dims: the queries (scale folded in) and the G x C output
@@ -702,6 +699,11 @@ void attend_group(const float* q, int64_t heads, const T* k_base, const T* v_bas
     for (int64_t i = 0; i < d; ++i) out[h * d + i] *= inv_total[h];
 }
 
+// New tokens of a sequence from which its attention runs on the tile unit (below). From 32: a
+// verification step (at most 16 drafts + 1) stays on the row kernel, so its rows round exactly as
+// plain decode rows do.
+constexpr int64_t kAmxAttentionMinRows = 32;
+
 #ifdef SPECACHE_AMX
 // ---- prefill-sized attention on the tile unit (bf16 cache) ----
 // A sequence bringing at least kAmxAttentionMinRows new tokens (a prefill chunk) is attended per
@@ -709,9 +711,7 @@ void attend_group(const float* q, int64_t heads, const T* k_base, const T* v_bas
 // sums), an exact softmax over each row's visible keys (P rounded to bf16 in place, the
 // denominator summing the rounded values, as the one-row kernel does), O = P V on the tile unit.
 // The row-at-a-time kernel recomputes nothing either, but at ~7 us per query row and layer (300
-// keys) it lost to SDPA's blocked kernel above 64 rows. From 32 rows: a verification step (at most
-// 16 drafts + 1) stays on the row kernel, so its rows round exactly as plain decode rows do.
-constexpr int64_t kAmxAttentionMinRows = 32;
+// keys) it lost to SDPA's blocked kernel above 64 rows.
 
 // All eight tiles as 16 rows x 64 bytes: S / O accumulators 0-3, A (Q or P) 4, B (K^T or V) 6.
 void amx_configure_attention() {
@@ -738,16 +738,6 @@ inline void tile_dp_acc(int c) {  // accumulator c += tile 4 x tile 6
     case 2: _tile_dpbf16ps(2, 4, 6); break;
     default: _tile_dpbf16ps(3, 4, 6); break;
   }
-}
-
-inline void tile_store_acc(int c, float* dst, int64_t stride_bytes) {
-  switch (c) {
-    case 0: _tile_stored(0, dst, stride_bytes); break;
-    case 1: _tile_stored(1, dst, stride_bytes); break;
-    case 2: _tile_stored(2, dst, stride_bytes); break;
-    default: _tile_stored(3, dst, stride_bytes); break;
-  }
-  compiler_barrier();
 }
 
 // One KV head's keys as K^T tiles: tile (j, c) = keys 16j .. 16j + 15 x dims 32c .. 32c + 31, as 16
@@ -835,7 +825,7 @@ void amx_attend_head(const float* q, int64_t q_stride, const uint32_t* kt, const
           _tile_loadd(7, kt + (j * chunks + c + 1) * 256, 64);
           _tile_dpbf16ps(0, 5, 7);
         }
-        tile_store_acc(0, s.scores.data() + j * 16, cols_max * 4);
+        store_tile(0, s.scores.data() + j * 16, cols_max * 4);
       }
     }
     float inv_total[16];
@@ -860,7 +850,7 @@ void amx_attend_head(const float* q, int64_t q_stride, const uint32_t* kt, const
         }
       }
       for (int c = 0; c < nc; ++c) {
-        tile_store_acc(c, o_tile, 64);
+        store_tile(c, o_tile, 64);
         for (int64_t r = 0; r < rows; ++r)
           _mm512_storeu_ps(out + (i0 + r) * out_stride + (c0 + c) * 16,
                            _mm512_mul_ps(_mm512_loadu_ps(o_tile + r * 16), _mm512_set1_ps(inv_total[r])));
@@ -915,7 +905,6 @@ bool amx_attention_takes(int64_t q_len, int64_t d) {
   return std::is_same_v<T, at::BFloat16> && q_len >= kAmxAttentionMinRows && d % 32 == 0 && amx_enabled();
 }
 #else
-constexpr int64_t kAmxAttentionMinRows = 32;
 template <typename T>
 bool amx_attention_takes(int64_t, int64_t) { return false; }
 #endif
@@ -971,8 +960,15 @@ bool amx_attention_available() {
 #endif
 }
 
-// The kernels index raw memory with these: a bad slot would corrupt the heap instead of raising
-// (as index_copy_ did), so check them once per call (O(tokens + slots), nothing next to the math).
+// The kernels index raw memory with slot ids and step metadata: a bad one would corrupt the heap
+// instead of raising (as index_copy_ did), so they are checked once per call (O(tokens + slots),
+// nothing next to the math).
+void check_slots(const torch::Tensor& slots, int64_t num_slots, const char* who) {
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.numel(); ++i)
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < num_slots, who, ": slot ", sp[i], " outside the cache (", num_slots, " slots)");
+}
+
 void check_step_indices(const torch::Tensor& info, const torch::Tensor& slots, int64_t tokens, int64_t num_slots,
                         const char* who) {
   TORCH_CHECK(info.dim() == 2 && info.size(1) == 4, who, ": seq_info must be [B, 4]");
@@ -984,9 +980,7 @@ void check_step_indices(const torch::Tensor& info, const torch::Tensor& slots, i
                 who, ": sequence ", b, " does not fit the step (q_start ", q_start, ", q_len ", q_len, ", kv_len ",
                 kv_len, ")");
   }
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  for (int64_t i = 0; i < slots.numel(); ++i)
-    TORCH_CHECK(sp[i] >= 0 && sp[i] < num_slots, who, ": slot ", sp[i], " outside the cache (", num_slots, " slots)");
+  check_slots(slots, num_slots, who);
 }
 
 // q [T, nh, d]; k_slots / v_slots [S, nkv, d] (fp32 or bf16); seq_info [B, 4] int64 rows of
@@ -1064,6 +1058,17 @@ void rope(float* x, int64_t heads, int64_t d, const float* cos, const float* sig
 template <typename T>
 void store_kv(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// One token's qkv row [(nh + 2 nkv) * hd]: RoPE on its q and k heads (in place), then its k and v
+// into cache slot `slot` of k_slots / v_slots [S, nkv, hd].
+template <typename C>
+void rope_and_store_row(float* row, int64_t nh, int64_t nkv, int64_t hd, const float* cos, const float* signed_sin,
+                        C* k_slots, C* v_slots, int64_t slot) {
+  const int64_t q_size = nh * hd, kv_size = nkv * hd;
+  rope(row, nh + nkv, hd, cos, signed_sin);
+  store_kv(row + q_size, k_slots + slot * kv_size, kv_size);
+  store_kv(row + q_size + kv_size, v_slots + slot * kv_size, kv_size);
 }
 
 // act[j] = silu(gate[j]) * up[j], silu(x) = x * sigmoid(x).
@@ -1147,10 +1152,7 @@ class FusedDecoder {
     const auto cos = cos_t.to(torch::kFloat).contiguous(), sin = sin_t.to(torch::kFloat).contiguous();
     const auto info = seq_info.contiguous(), slots = slots_t.contiguous(), new_slots = slot_mapping.contiguous();
     check_step_indices(info, slots, hidden.size(0), k_cache.size(1), "FusedDecoder");
-    for (int64_t i = 0; i < new_slots.numel(); ++i) {
-      const int64_t slot = new_slots.data_ptr<int64_t>()[i];
-      TORCH_CHECK(slot >= 0 && slot < k_cache.size(1), "FusedDecoder: new token slot ", slot, " outside the cache");
-    }
+    check_slots(new_slots, k_cache.size(1), "FusedDecoder (new tokens)");
     const int64_t t = h.size(0), dim = h.size(1), q_size = nh_ * hd_, kv_size = nkv_ * hd_;
     const int64_t qkv_size = q_size + 2 * kv_size;
     const int64_t layer_elems = k_cache.size(1) * kv_size;  // elements per layer of the cache
@@ -1168,10 +1170,8 @@ class FusedDecoder {
         float* row = qkv.data() + i * qkv_size;
         if (bias != nullptr)
           for (int64_t j = 0; j < qkv_size; ++j) row[j] += bias[j];
-        rope(row, nh_ + nkv_, hd_, cos.data_ptr<float>() + i * hd_, sin.data_ptr<float>() + i * hd_);
-        const int64_t slot = new_slots.data_ptr<int64_t>()[i];
-        store_kv(row + q_size, kc + slot * kv_size, kv_size);
-        store_kv(row + q_size + kv_size, vc + slot * kv_size, kv_size);
+        rope_and_store_row(row, nh_, nkv_, hd_, cos.data_ptr<float>() + i * hd_, sin.data_ptr<float>() + i * hd_, kc,
+                           vc, new_slots.data_ptr<int64_t>()[i]);
       }
       attention(qkv.data(), qkv_size, kc, vc, info, slots, attn.data());
       w.o.apply(attn.data(), t, proj.data());
@@ -1217,19 +1217,42 @@ void narrow_row(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
+// RMSNorm of x's rows into out. With `delta` (defined, x's shape) x += delta first, in place and
+// rounded to x's dtype before the norm, as PyTorch's add then norm did: the residual add of the
+// op-by-op path and the next norm in one pass.
 template <typename T>
-void rms_norm_typed(const torch::Tensor& x, const torch::Tensor& weight, float eps, torch::Tensor& out) {
+void rms_norm_typed(const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& weight, float eps,
+                    torch::Tensor& out) {
   const int64_t h = x.size(-1), rows = h ? x.numel() / h : 0;
-  const T* xp = x.data_ptr<T>();
+  T* xp = x.data_ptr<T>();
+  const T* dp = delta.defined() ? delta.data_ptr<T>() : nullptr;
   T* op = out.data_ptr<T>();
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    std::vector<float> in(h), normed(h);
+    std::vector<float> in(h), more(dp != nullptr ? h : 0), normed(h);
     for (int64_t r = b; r < e; ++r) {
       widen_row(xp + r * h, in.data(), h);
+      if (dp != nullptr) {
+        widen_row(dp + r * h, more.data(), h);
+        for (int64_t i = 0; i < h; ++i) in[i] += more[i];
+        narrow_row(in.data(), xp + r * h, h);
+        widen_row(xp + r * h, in.data(), h);
+      }
       rms_norm(in.data(), weight.data_ptr<float>(), 1, h, eps, normed.data());
       narrow_row(normed.data(), op + r * h, h);
     }
   });
+}
+
+// rms_norm_typed on fp32 or bf16 rows; `who` names the caller in errors.
+torch::Tensor norm_rows(const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& weight, double eps,
+                        const char* who) {
+  const auto wf = weight.to(torch::kFloat).contiguous();
+  TORCH_CHECK(wf.numel() == x.size(-1), who, ": weight size ", wf.numel(), " for rows of ", x.size(-1));
+  auto out = torch::empty_like(x);
+  if (x.scalar_type() == torch::kFloat) rms_norm_typed<float>(x, delta, wf, static_cast<float>(eps), out);
+  else if (x.scalar_type() == torch::kBFloat16) rms_norm_typed<at::BFloat16>(x, delta, wf, static_cast<float>(eps), out);
+  else TORCH_CHECK(false, who, ": fp32 or bf16 rows");
+  return out;
 }
 
 template <typename T>
@@ -1250,14 +1273,7 @@ void swiglu_typed(const torch::Tensor& gate_up, torch::Tensor& out) {
 }  // namespace
 
 torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  const auto xc = x.contiguous();
-  const auto wf = weight.to(torch::kFloat).contiguous();
-  TORCH_CHECK(wf.numel() == xc.size(-1), "rms_norm: weight size ", wf.numel(), " for rows of ", xc.size(-1));
-  auto out = torch::empty_like(xc);
-  if (xc.scalar_type() == torch::kFloat) rms_norm_typed<float>(xc, wf, static_cast<float>(eps), out);
-  else if (xc.scalar_type() == torch::kBFloat16) rms_norm_typed<at::BFloat16>(xc, wf, static_cast<float>(eps), out);
-  else TORCH_CHECK(false, "rms_norm: fp32 or bf16 rows");
-  return out;
+  return norm_rows(x.contiguous(), torch::Tensor(), weight, eps, "rms_norm");
 }
 
 // gate_up [T, 2I] (gate | up) -> silu(gate) * up [T, I], in gate_up's dtype.
@@ -1271,31 +1287,7 @@ torch::Tensor swiglu_rows(const torch::Tensor& gate_up) {
   return out;
 }
 
-// hidden += delta, then RMSNorm of the sum into a new tensor: the residual add and the next norm of
-// the op-by-op (prefill) path in one pass. The sum is rounded to hidden's dtype before the norm,
-// as the two PyTorch ops did.
 namespace {
-
-template <typename T>
-void add_rms_norm_typed(torch::Tensor& hidden, const torch::Tensor& delta, const torch::Tensor& weight, float eps,
-                        torch::Tensor& out) {
-  const int64_t h = hidden.size(1);
-  T* hp = hidden.data_ptr<T>();
-  const T* dp = delta.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  at::parallel_for(0, hidden.size(0), 16, [&](int64_t b, int64_t e) {
-    std::vector<float> sum(h), more(h), normed(h);
-    for (int64_t r = b; r < e; ++r) {
-      widen_row(hp + r * h, sum.data(), h);
-      widen_row(dp + r * h, more.data(), h);
-      for (int64_t i = 0; i < h; ++i) sum[i] += more[i];
-      narrow_row(sum.data(), hp + r * h, h);
-      widen_row(hp + r * h, sum.data(), h);
-      rms_norm(sum.data(), weight.data_ptr<float>(), 1, h, eps, normed.data());
-      narrow_row(normed.data(), op + r * h, h);
-    }
-  });
-}
 
 // RoPE on the q and k heads of qkv rows [T, (nh + 2 nkv) * hd] (q rotated in place), then each
 // row's rotated k and its v into cache slot slots[i] of k_slots / v_slots [S, nkv, hd]. In fp32
@@ -1303,16 +1295,14 @@ void add_rms_norm_typed(torch::Tensor& hidden, const torch::Tensor& delta, const
 template <typename T, typename C>
 void rope_and_store_typed(torch::Tensor& qkv, const float* cos, const float* signed_sin, C* k_slots, C* v_slots,
                           const int64_t* slots, int64_t nh, int64_t nkv, int64_t hd) {
-  const int64_t q_size = nh * hd, kv_size = nkv * hd, width = q_size + 2 * kv_size;
+  const int64_t width = (nh + 2 * nkv) * hd;
   T* rows = qkv.data_ptr<T>();
   at::parallel_for(0, qkv.size(0), 16, [&](int64_t b, int64_t e) {
     std::vector<float> row(width);
     for (int64_t i = b; i < e; ++i) {
       widen_row(rows + i * width, row.data(), width);
-      rope(row.data(), nh + nkv, hd, cos + i * hd, signed_sin + i * hd);
-      narrow_row(row.data(), rows + i * width, q_size);
-      store_kv(row.data() + q_size, k_slots + slots[i] * kv_size, kv_size);
-      store_kv(row.data() + q_size + kv_size, v_slots + slots[i] * kv_size, kv_size);
+      rope_and_store_row(row.data(), nh, nkv, hd, cos + i * hd, signed_sin + i * hd, k_slots, v_slots, slots[i]);
+      narrow_row(row.data(), rows + i * width, nh * hd);
     }
   });
 }
@@ -1334,19 +1324,12 @@ void rope_and_store_into(torch::Tensor& qkv, const torch::Tensor& cos, const tor
 
 }  // namespace
 
+// hidden += delta (in place), then RMSNorm of the sum into a new tensor.
 torch::Tensor add_rms_norm(torch::Tensor& hidden, const torch::Tensor& delta, const torch::Tensor& weight, double eps) {
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous() && delta.sizes() == hidden.sizes() &&
                   delta.scalar_type() == hidden.scalar_type(),
               "add_rms_norm: hidden and delta must be [T, H] of one dtype, hidden contiguous");
-  const auto dc = delta.contiguous();
-  const auto wf = weight.to(torch::kFloat).contiguous();
-  TORCH_CHECK(wf.numel() == hidden.size(1), "add_rms_norm: weight size ", wf.numel(), " for rows of ", hidden.size(1));
-  auto out = torch::empty_like(hidden);
-  if (hidden.scalar_type() == torch::kFloat) add_rms_norm_typed<float>(hidden, dc, wf, static_cast<float>(eps), out);
-  else if (hidden.scalar_type() == torch::kBFloat16)
-    add_rms_norm_typed<at::BFloat16>(hidden, dc, wf, static_cast<float>(eps), out);
-  else TORCH_CHECK(false, "add_rms_norm: fp32 or bf16 rows");
-  return out;
+  return norm_rows(hidden, delta.contiguous(), weight, eps, "add_rms_norm");
 }
 
 void rope_and_store(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& signed_sin,
@@ -1364,10 +1347,7 @@ void rope_and_store(torch::Tensor& qkv, const torch::Tensor& cos, const torch::T
               "rope_and_store: fp32 contiguous tables [T, head_dim]");
   TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && slots.numel() == t,
               "rope_and_store: one int64 slot per row");
-  for (int64_t i = 0; i < t; ++i) {
-    const int64_t slot = slots.data_ptr<int64_t>()[i];
-    TORCH_CHECK(slot >= 0 && slot < k_slots.size(0), "rope_and_store: slot ", slot, " outside the cache");
-  }
+  check_slots(slots, k_slots.size(0), "rope_and_store");
   if (qkv.scalar_type() == torch::kFloat) rope_and_store_into<float>(qkv, cos, signed_sin, k_slots, v_slots, slots,
                                                                      num_heads, num_kv_heads);
   else if (qkv.scalar_type() == torch::kBFloat16)

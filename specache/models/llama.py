@@ -292,8 +292,7 @@ class LlamaModel:
 
     def _native_attention_fits(self, meta: AttentionMetadata, cache: KVCache) -> bool:
         c = self.config
-        return (self.native is not None and cache.k.dtype in NATIVE_KV_DTYPES and cache.k.device.type == "cpu"
-                and c.num_heads // c.num_kv_heads <= self.native.MAX_GROUP
+        return (self._native_rows(cache) and c.num_heads // c.num_kv_heads <= self.native.MAX_GROUP
                 and (meta.max_q_len <= NATIVE_ATTENTION_MAX_Q
                      or (cache.k.dtype == torch.bfloat16 and self.amx_attention)))
 
@@ -387,16 +386,16 @@ class LlamaModel:
         return hidden
 
     def _native_rows(self, cache: KVCache) -> bool:
-        """Whether the op-by-op path's row-wise steps (RoPE + K/V write) run natively."""
+        """Whether the native kernels read and write this cache (RoPE + K/V write, attention)."""
         return self.native is not None and cache.k.device.type == "cpu" and cache.k.dtype in NATIVE_KV_DTYPES
 
     def _add_rms_norm(self, hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                       eps: float) -> torch.Tensor:
         """hidden += delta in place (the residual stream), then the next RMSNorm of it."""
-        if self.native is not None and hidden.device.type == "cpu":
+        if self.native is not None:
             return self.native.add_rms_norm(hidden, delta, weight, eps)
         hidden += delta
-        return F.rms_norm(hidden, (hidden.shape[-1],), weight, eps)
+        return self._rms_norm(hidden, weight, eps)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if self.native is not None:

@@ -5,6 +5,8 @@ ask the controller for K, draft, verify in one target pass, record acceptance.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -12,7 +14,7 @@ from specache.engine.runner import BatchItem
 from specache.engine.scheduler import SchedulerOutput
 from specache.engine.sequence import Sequence
 from specache.errors import ConfigError
-from specache.sampling import logits_to_probs, sample_for_sequences
+from specache.sampling import SamplingParams, logits_to_probs, sample_for_sequences
 from specache.spec.base import DraftRequest, Proposer
 from specache.spec.controller import SpecController
 from specache.spec.verify import verify
@@ -83,55 +85,50 @@ def _model_proposer(engine, path: str) -> Proposer:
 STEP_COST_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
 
 
-def measure_step_costs(engine, sizes: tuple[int, ...] = STEP_COST_SIZES, repeats: int = 2) -> dict[int, float]:
-    """Seconds for one target pass over n tokens, measured once at start (the controller's cost model)."""
-    from specache.engine.sequence import Sequence
-    from specache.sampling import SamplingParams
-
+@contextmanager
+def _calibration_sequence(engine, length: int) -> Iterator[Sequence | None]:
+    """A throwaway sequence holding cache blocks for `length` tokens (None when they are not free)."""
     pool = engine.pool
-    n_max = max(sizes)
-    if pool.blocks_needed(n_max) > pool.num_free:
-        return {}
-    seq = Sequence(-1, "calibrate", 0, [0] * n_max, SamplingParams(temperature=0))
-    seq.block_table = pool.allocate(pool.blocks_needed(n_max))
-    costs = {}
+    if pool.blocks_needed(length) > pool.num_free:
+        yield None
+        return
+    seq = Sequence(-1, "calibrate", 0, [0] * length, SamplingParams(temperature=0))
+    seq.block_table = pool.allocate(pool.blocks_needed(length))
     try:
-        for n in sizes:
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                engine.runner.run([BatchItem(seq, [0] * n, 0, 1)])
-                best = min(best, time.perf_counter() - t0)
-            costs[n] = best
+        yield seq
     finally:
         pool.free(seq.block_table)
-    return costs
+
+
+def _best_seconds(engine, item: BatchItem, repeats: int) -> float:
+    """The fastest of `repeats` target passes over one item."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        engine.runner.run([item])
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_step_costs(engine, sizes: tuple[int, ...] = STEP_COST_SIZES, repeats: int = 2) -> dict[int, float]:
+    """Seconds for one target pass over n tokens, measured once at start (the controller's cost model)."""
+    with _calibration_sequence(engine, max(sizes)) as seq:
+        if seq is None:
+            return {}
+        return {n: _best_seconds(engine, BatchItem(seq, [0] * n, 0, 1), repeats) for n in sizes}
 
 
 def measure_attention_cost(engine, context: int = 1024, repeats: int = 5) -> float:
     """ms per query row and context token: one decode step at the end of a `context`-token
     sequence against one at its start (the cache's contents do not matter for the timing)."""
-    from specache.engine.sequence import Sequence
-    from specache.sampling import SamplingParams
-
-    pool = engine.pool
     context = min(context, engine.max_model_len)
-    if context < 2 or pool.blocks_needed(context) > pool.num_free:
+    if context < 2:
         return 0.0
-    seq = Sequence(-1, "calibrate", 0, [0] * context, SamplingParams(temperature=0))
-    seq.block_table = pool.allocate(pool.blocks_needed(context))
-    try:
-        times = {}
-        for start in (0, context - 1):
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                engine.runner.run([BatchItem(seq, [0], start, 1)])
-                best = min(best, time.perf_counter() - t0)
-            times[start] = best
-    finally:
-        pool.free(seq.block_table)
-    return max(0.0, (times[context - 1] - times[0]) * 1000.0 / (context - 1))
+    with _calibration_sequence(engine, context) as seq:
+        if seq is None:
+            return 0.0
+        first, last = (_best_seconds(engine, BatchItem(seq, [0], start, 1), repeats) for start in (0, context - 1))
+    return max(0.0, (last - first) * 1000.0 / (context - 1))
 
 
 class SpecDecoder:
