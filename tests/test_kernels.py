@@ -348,13 +348,30 @@ def test_fused_step_matches_pytorch_on_the_same_dequantized_weights(native, tmp_
     assert ((got - want).abs() / spread).max().item() < (0.01 if cache_dtype == torch.float32 else 0.015)
 
 
-def test_verification_steps_stay_on_the_row_attention_kernel(native):
-    """Prefill chunks from AMX_ATTENTION_MIN_ROWS new tokens go to the tile-unit attention, which
-    rounds differently from the row kernel; a verification step (at most MAX_SPEC_TOKENS drafts + 1
-    rows per sequence) must stay below it, or greedy speculative output could leave plain output."""
-    from specache.config import MAX_SPEC_TOKENS
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_attention_rows_do_not_depend_on_the_rows_beside_them(native, cache_dtype):
+    """A verification step's rows (and a prefill chunk's) come out bit for bit as the same tokens
+    decoded one at a time, on either attention path (bf16 caches go to AMX tiles where there are
+    some): greedy speculative output equals plain output only if they do."""
+    torch.manual_seed(3)
+    nh, nkv, d, context, new = 9, 3, 64, 300, 17
+    k_slots = torch.randn(512, nkv, d).to(cache_dtype)
+    v_slots = torch.randn(512, nkv, d).to(cache_dtype)
+    slots = torch.randperm(512)[:context]
+    q = torch.randn(new, nh, d)
 
-    assert MAX_SPEC_TOKENS + 1 < native.AMX_ATTENTION_MIN_ROWS
+    def attend(rows: slice, kv_len: int, others: int = 0) -> torch.Tensor:
+        # `others`: unrelated decode sequences in the same step, ahead of this one
+        seqs = [SeqAttention(i, 1, slots[:50 + i], None) for i in range(others)]
+        seqs.append(SeqAttention(others, rows.stop - rows.start, slots[:kv_len], None))
+        step_q = torch.cat([torch.randn(others, nh, d), q[rows]])
+        meta = AttentionMetadata(slot_mapping=torch.zeros(len(step_q), dtype=torch.long), seqs=seqs)
+        return native.paged_attention(step_q, k_slots, v_slots, *meta.kernel_args, d ** -0.5)[others:]
+
+    start = context - new
+    verify = attend(slice(0, new), context, others=3)
+    for i in range(new):
+        assert torch.equal(attend(slice(i, i + 1), start + i + 1, others=i % 3), verify[i: i + 1])
 
 
 def test_int8_linear_takes_zero_rows(native):

@@ -277,3 +277,16 @@ def test_attention_over_long_contexts_makes_wide_verification_dear():
     assert c.step_ms(2, 16) == pytest.approx(c._pass_ms(48) + 0.0008 * 48 * 2000)  # 48 rows x 2000 keys
     c.set_context(0)
     assert c.step_ms(2, 16) == pytest.approx(c._pass_ms(48))
+
+
+def test_attention_tiles_shared_by_a_sequences_rows_make_wide_verification_cheap():
+    """On AMX tiles the verification rows of a sequence share each key's pass: with the further
+    rows' attention measured at 1/8 of the first's, long contexts no longer push K down."""
+    c = SpecController(max_k=4)
+    c.calibrate(MEMORY_BOUND, attention_ms_per_key=0.0008, attention_ms_per_key_extra_row=0.0001)
+    c.set_context(2000)
+    assert c.step_ms(2, 16) == pytest.approx(c._pass_ms(48) + (0.0008 + 2 * 0.0001) * 16 * 2000)
+    row_kernel = SpecController(max_k=4)
+    row_kernel.calibrate(MEMORY_BOUND, attention_ms_per_key=0.0008)
+    row_kernel.set_context(2000)
+    assert c.best_k(0.7, 16) > row_kernel.best_k(0.7, 16)

@@ -105,7 +105,7 @@ def test_shadow_drafts_settle_against_the_decoded_tokens(tiny_model_dir):
     assert spec._settle_shadow(seq, 3, [8, 4, 10, 11])  # mismatch at the 2nd token: 1 matched
     seq.tokens += [10, 11]
     assert spec._settle_shadow(seq, 3, [8, 9, 10, 11])  # all 4 matched
-    st = spec.controller.seqs[(7, True)]  # prompt lookup drafts are free
+    st = spec.controller.seqs[((7, True), None)]  # prompt lookup drafts are free; no kind given
     assert (st.successes, st.raw_trials) == (pytest.approx(0.8 * 1 + 4), 2 + 4)
     assert spec.controller.stats()["shadow_drafts"] == 2 and spec.controller.stats()["drafts"] == 0
 
@@ -123,18 +123,19 @@ def test_a_switched_off_lookup_sequence_drafts_in_the_shadow(tiny_model_dir):
     spec = llm.engine.spec
     seq = Sequence(3, "r", 0, [1, 2, 3, 4, 1, 2], GREEDY)
     seq.append(3)
-    spec.controller.seqs[(3, True)] = _SeqState(off=True)
+    spec._kinds[3] = 3  # this step's lookup matched 3 tokens ("1 2 3"), and that kind is off
+    spec.controller.seqs[((3, True), 3)] = _SeqState(off=True)
     step = SimpleNamespace(scheduled=[ScheduledSeq(seq, 1, 0)])
     spec._shadow_drafts(step)
-    assert spec._shadows[3] == (7, [4, 1, 2, 3])  # "1 2 3" was followed by "4 1 2 3"
+    assert spec._shadows[3] == (7, [4, 1, 2, 3], 3)  # "1 2 3" was followed by "4 1 2 3"
     seq.append(4)
     seq.append(1)
     spec._shadow_drafts(step)  # matches so far: still pending, nothing recorded
-    assert spec._shadows[3] == (7, [4, 1, 2, 3]) and spec.controller.shadow_drafts == 0
+    assert spec._shadows[3] == (7, [4, 1, 2, 3], 3) and spec.controller.shadow_drafts == 0
     seq.append(3)
     spec._shadow_drafts(step)  # the 3rd token differs (3, not 2): 2 of 4 matched; a new shadow starts
     assert spec.controller.shadow_drafts == 1
-    assert spec.controller.seqs[(3, True)].successes == pytest.approx(2)
+    assert spec.controller.seqs[((3, True), 3)].successes == pytest.approx(2)
     assert spec._shadows[3][0] == 10
     # once the sequence drafts for real again, the pending shadow is dropped (no double count)
     spec._shadow_drafts(SimpleNamespace(scheduled=[ScheduledSeq(seq, 1, 4)]))

@@ -15,7 +15,8 @@ hits in the shadow, so lookup comes back when the text turns into a copy.
 
 from __future__ import annotations
 
-from specache.config import MAX_SPEC_TOKENS
+from collections.abc import Hashable
+
 from specache.spec.base import Draft, DraftRequest, Proposer
 from specache.spec.ngram import NgramProposer
 
@@ -23,12 +24,9 @@ from specache.spec.ngram import NgramProposer
 class AutoProposer(Proposer):
     name = "auto"
 
-    def __init__(self, model_drafter: Proposer, min_match: int = 3, max_ngram: int = 4) -> None:
+    def __init__(self, model_drafter: Proposer, min_match: int = 3, max_ngram: int = 8) -> None:
         self.lookup = NgramProposer(max_ngram=max_ngram, min_ngram=min_match, name="auto-lookup")
         self.model_drafter = model_drafter
-        # seq_id -> (token count it was looked up at, the lookup's tokens): scheduling asks which
-        # source a sequence will use, drafting then reuses the answer
-        self._hits: dict[int, tuple[int, list[int]]] = {}
         # seq_id -> token count at which its lookup hits stopped paying: the model drafts it at
         # that length (the mark expires by itself once the sequence grows)
         self._model_at: dict[int, int] = {}
@@ -36,14 +34,16 @@ class AutoProposer(Proposer):
         self.model_drafts = 0
 
     def _lookup(self, seq_id: int, token_ids: list[int]) -> list[int]:
-        cached = self._hits.get(seq_id)
-        if cached is None or cached[0] != len(token_ids):
-            draft = self.lookup.propose([DraftRequest(seq_id, token_ids, MAX_SPEC_TOKENS, None)])[0]
-            cached = self._hits[seq_id] = (len(token_ids), draft.tokens)
-        return cached[1]
+        return self.lookup.match(seq_id, token_ids)[0]
 
     def drafts_free_for(self, seq_id: int, token_ids: list[int]) -> bool:
         return self._model_at.get(seq_id) != len(token_ids) and bool(self._lookup(seq_id, token_ids))
+
+    def draft_kind(self, seq_id: int, token_ids: list[int]) -> Hashable:
+        """A lookup hit's match length, or "model" for a model draft."""
+        if self.drafts_free_for(seq_id, token_ids):
+            return self.lookup.draft_kind(seq_id, token_ids)
+        return "model"
 
     def fall_back(self, seq_id: int, token_ids: list[int]) -> bool:
         self._model_at[seq_id] = len(token_ids)
@@ -73,7 +73,6 @@ class AutoProposer(Proposer):
         self.model_drafter.on_verified(seq_id, num_accepted)
 
     def release(self, seq_id: int) -> None:
-        self._hits.pop(seq_id, None)
         self._model_at.pop(seq_id, None)
         self.lookup.release(seq_id)
         self.model_drafter.release(seq_id)

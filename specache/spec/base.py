@@ -9,11 +9,15 @@ requests stay lossless; deterministic proposers (n-gram lookup, greedy drafters)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
 
 from specache.sampling import SamplingParams
+
+# A proposer's draft_kind when it has nothing to propose for the sequence this step (no slots).
+NOTHING_TO_DRAFT = "nothing to draft"
 
 
 @dataclass
@@ -45,6 +49,12 @@ class Proposer(ABC):
         """Whether this sequence's next draft will cost nothing next to a target pass (the controller
         then leaves drafting out of the step's cost, and the decoder does not time it)."""
         return self.free_to_draft
+
+    def draft_kind(self, seq_id: int, token_ids: list[int]) -> Hashable:
+        """A label for the sequence's next draft that predicts its acceptance (prompt lookup: how
+        many tokens matched); the controller keeps an acceptance rate per kind. NOTHING_TO_DRAFT
+        when there will be no draft this step."""
+        return None
 
     def shadow_draft(self, request: DraftRequest) -> list[int]:
         """A free draft to compare with what decoding then produces (only asked of proposers that

@@ -16,6 +16,11 @@ time; 0 when no K beats plain decoding by `margin`, or when alpha fell below `mi
 warm-up. Records are kept per key: the decoder uses (sequence, free or paid source), because an
 `auto` sequence's lookup hits and model drafts are accepted at different rates.
 
+Kinds. A proposer may label each draft with a kind that predicts its acceptance
+(`Proposer.draft_kind`; prompt lookup: how many tokens matched). Records are then kept per
+(sequence, kind), a new one starting from the kind's global rate: a copy-heavy request drafts 16
+tokens after a long match and few or none after a one-token match, instead of one K for both.
+
 Recovery. A sequence switched off because of its acceptance (not because of cost) is probed
 with a short draft now and then, so it comes back when the text becomes predictable. A failed
 probe costs what its draft and wider verification cost (measured: 0.2 of a step with prompt lookup,
@@ -88,9 +93,12 @@ class SpecController:
         self.max_probe_backoff = max_probe_backoff
         self._step_ms: dict[int, float] = {}  # tokens in one target pass -> ms
         # Attention's share, which the pass table (measured on a short context) leaves out: ms per
-        # query row and context token. Every verification row attends to its sequence's whole
-        # context, so at 16 sequences x 350 tokens a K=4 step spends ~5x plain decoding's attention.
+        # context token for a sequence's first query row, and for each further row. Every
+        # verification row attends to its sequence's whole context; on the row-at-a-time kernel each
+        # row costs the first one's (16 sequences x 350 tokens at K=4: ~5x plain decoding's
+        # attention), on AMX tiles the rows of a sequence share each key's pass (~1/8 of it).
         self.attention_ms_per_key = 0.0
+        self.attention_ms_per_key_extra_row: float | None = None  # None: as the first row
         self.context_tokens = 0  # context length of the sequence being decided (set_context)
         self._verify_ms: Callable[[int, int], float] | None = None  # (K, batch) -> ms
         self._plain_ms: Callable[[int], float] | None = None  # batch -> ms
@@ -98,8 +106,10 @@ class SpecController:
         # batch size -> EMA of measured ms per drafting pass (one token for every drafting sequence),
         # used when no draft_ms is given
         self._draft_pass_ms: dict[int, float] = {}
-        self.seqs: dict[Hashable, _SeqState] = {}  # per sequence (or per sequence and draft source)
-        self._global = _SeqState()
+        # per (sequence, draft kind); the sequence key may itself carry the draft source
+        self.seqs: dict[tuple[Hashable, Hashable], _SeqState] = {}
+        self._global = _SeqState()  # every draft: the prior of kinds without data of their own
+        self._global_by_kind: dict[Hashable, _SeqState] = {}  # the prior of a new (sequence, kind)
         self.drafts = 0
         self.draft_tokens = 0
         self.accepted_tokens = 0
@@ -114,18 +124,22 @@ class SpecController:
                   verify_ms: Callable[[int, int], float] | None = None,
                   plain_ms: Callable[[int], float] | None = None,
                   draft_ms: Callable[[int, int], float] | None = None,
-                  attention_ms_per_key: float | None = None) -> None:
+                  attention_ms_per_key: float | None = None,
+                  attention_ms_per_key_extra_row: float | None = None) -> None:
         """Set the cost model once at start.
 
         step_cost_s: measured seconds for one target pass over n tokens ({n: seconds}); verify of
         K drafts for a batch of B costs step(B * (K + 1)), plain decoding step(B). Or give
         verify_ms(K, batch) and plain_ms(batch) directly. draft_ms(K, batch): drafting time for the
         batch; without it, K times the measured time of one drafting pass at that batch size
-        (`record_draft_time`). attention_ms_per_key: attention's cost per query row and context
-        token, added for every row of a step (see `set_context`).
+        (`record_draft_time`). attention_ms_per_key: attention's cost per context token of a
+        sequence's first query row, attention_ms_per_key_extra_row of each further row (default:
+        the same), added for every sequence of a step (see `set_context`).
         """
         if attention_ms_per_key is not None:
             self.attention_ms_per_key = max(0.0, attention_ms_per_key)
+        if attention_ms_per_key_extra_row is not None:
+            self.attention_ms_per_key_extra_row = max(0.0, attention_ms_per_key_extra_row)
         if step_cost_s:
             self._step_ms = {n: s * 1000.0 for n, s in sorted(step_cost_s.items())}
         self._verify_ms = verify_ms or self._verify_ms
@@ -182,7 +196,9 @@ class SpecController:
         """Predicted time of one decode step for a batch of `batch` sequences drafting k each
         (free_draft: the drafts cost nothing next to a target pass, e.g. a prompt-lookup hit),
         attention over the context included."""
-        attention = self.attention_ms_per_key * batch * (k + 1) * self.context_tokens
+        extra = self.attention_ms_per_key if self.attention_ms_per_key_extra_row is None \
+            else self.attention_ms_per_key_extra_row
+        attention = (self.attention_ms_per_key + extra * k) * batch * self.context_tokens
         return self._step_without_attention(k, batch, free_draft) + attention
 
     def _step_without_attention(self, k: int, batch: int, free_draft: bool = False) -> float:
@@ -214,26 +230,33 @@ class SpecController:
 
     # ------------------------------------------------------------------ acceptance
 
-    def alpha(self, seq_id: Hashable | None = None) -> float:
-        """Per-token acceptance estimate for a sequence (global when seq_id is None or unknown)."""
+    def alpha(self, seq_id: Hashable | None = None, kind: Hashable = None) -> float:
+        """Per-token acceptance estimate for a sequence's drafts of one kind: its own record, shrunk
+        towards the kind's global record, itself shrunk towards the rate of every draft (each prior
+        worth `prior_trials` trials)."""
         g = self._global
         prior = g.successes / g.trials if g.trials > 0 else self.prior_alpha
-        st = self.seqs.get(seq_id) if seq_id is not None else None
+        if kind is not None:
+            prior = self._shrunk(self._global_by_kind.get(kind), prior)
+        return self._shrunk(self.seqs.get((seq_id, kind)), prior) if seq_id is not None else prior
+
+    def _shrunk(self, st: _SeqState | None, prior: float) -> float:
         if st is None:
             return prior
         return (st.successes + self.prior_trials * prior) / (st.trials + self.prior_trials)
 
-    def choose_k(self, seq_id: Hashable, batch_size: int, free_draft: bool = False) -> int:
-        """K for the sequence's next step; free_draft: its draft will cost nothing (a lookup hit)."""
-        st = self.seqs.setdefault(seq_id, _SeqState())
-        k = self._choose(st, self.alpha(seq_id), batch_size, free_draft)
+    def choose_k(self, seq_id: Hashable, batch_size: int, free_draft: bool = False, kind: Hashable = None) -> int:
+        """K for the sequence's next step; free_draft: its draft will cost nothing (a lookup hit);
+        kind: the proposer's label for the draft (`Proposer.draft_kind`)."""
+        st = self.seqs.setdefault((seq_id, kind), _SeqState())
+        k = self._choose(st, self.alpha(seq_id, kind), batch_size, free_draft)
         self.chosen_k[k] = self.chosen_k.get(k, 0) + 1
         return k
 
-    def wants_draft(self, seq_id: Hashable, batch_size: int, free_draft: bool = False) -> bool:
+    def wants_draft(self, seq_id: Hashable, batch_size: int, free_draft: bool = False, kind: Hashable = None) -> bool:
         """Whether the sequence's acceptance makes drafting pay now (no side effects, no probes)."""
-        alpha = self.alpha(seq_id)
-        if self._low_acceptance(self.seqs.get(seq_id), alpha):
+        alpha = self.alpha(seq_id, kind)
+        if self._low_acceptance(self.seqs.get((seq_id, kind)), alpha):
             return False
         return self.best_k(alpha, batch_size, free_draft) > 0
 
@@ -241,10 +264,11 @@ class SpecController:
         """Past warm-up and below min_alpha: drafting is off until the evidence changes."""
         return st is not None and st.raw_trials >= self.warmup_trials and alpha < self.min_alpha
 
-    def is_off_for_acceptance(self, seq_id: Hashable) -> bool:
-        """Whether the last decision for the sequence was K=0 because its drafts are bad while good
-        drafts would pay: evidence about its acceptance (shadow drafts) could bring it back."""
-        st = self.seqs.get(seq_id)
+    def is_off_for_acceptance(self, seq_id: Hashable, kind: Hashable = None) -> bool:
+        """Whether the last decision for the sequence's drafts of this kind was K=0 because they are
+        bad while good drafts would pay: evidence about their acceptance (shadow drafts) could bring
+        them back."""
+        st = self.seqs.get((seq_id, kind))
         return st is not None and st.off
 
     def _choose(self, st: _SeqState, alpha: float, batch_size: int, free_draft: bool = False) -> int:
@@ -281,16 +305,16 @@ class SpecController:
         extra = self.probe_cost(batch_size) if extra is None else extra
         return max(self.probe_every, math.ceil(extra / self.max_probe_overhead))
 
-    def record(self, seq_id: Hashable, num_drafted: int, num_accepted: int) -> None:
-        """One verification result: num_accepted of num_drafted drafts survived."""
+    def record(self, seq_id: Hashable, num_drafted: int, num_accepted: int, kind: Hashable = None) -> None:
+        """One verification result: num_accepted of num_drafted drafts (of this kind) survived."""
         if num_drafted <= 0:
             return
         num_accepted = max(0, min(num_accepted, num_drafted))
-        seq = self.seqs.setdefault(seq_id, _SeqState())
+        seq = self.seqs.setdefault((seq_id, kind), _SeqState())
         if seq.probing:
             seq.failed_probes = 0 if num_accepted else seq.failed_probes + 1
             seq.probing = False
-        self._update_acceptance(seq, num_drafted, num_accepted)
+        self._update_acceptance(seq, num_drafted, num_accepted, kind)
         self.drafts += 1
         self.draft_tokens += num_drafted
         self.accepted_tokens += num_accepted
@@ -300,26 +324,31 @@ class SpecController:
             self.per_position[pos][0] += 1
             self.per_position[pos][1] += pos < num_accepted
 
-    def record_shadow(self, seq_id: Hashable, num_drafted: int, num_accepted: int) -> None:
+    def record_shadow(self, seq_id: Hashable, num_drafted: int, num_accepted: int, kind: Hashable = None) -> None:
         """A draft that was never verified, compared with the tokens decoding produced instead:
         the same evidence about acceptance as `record`, without counting as a draft."""
         if num_drafted <= 0:
             return
         self.shadow_drafts += 1
-        seq = self.seqs.setdefault(seq_id, _SeqState())
+        seq = self.seqs.setdefault((seq_id, kind), _SeqState())
         if num_accepted:
             seq.failed_probes = 0
-        self._update_acceptance(seq, num_drafted, max(0, min(num_accepted, num_drafted)))
+        self._update_acceptance(seq, num_drafted, max(0, min(num_accepted, num_drafted)), kind)
 
-    def _update_acceptance(self, seq: _SeqState, num_drafted: int, num_accepted: int) -> None:
+    def _update_acceptance(self, seq: _SeqState, num_drafted: int, num_accepted: int, kind: Hashable) -> None:
         trials = num_accepted + (1 if num_accepted < num_drafted else 0)
-        for st, decay in ((seq, self.decay), (self._global, self.global_decay)):
+        records = [(seq, self.decay), (self._global, self.global_decay)]
+        if kind is not None:
+            records.append((self._global_by_kind.setdefault(kind, _SeqState()), self.global_decay))
+        for st, decay in records:
             st.successes = decay * st.successes + num_accepted
             st.trials = decay * st.trials + trials
             st.raw_trials += trials
 
     def release(self, seq_id: Hashable) -> None:
-        self.seqs.pop(seq_id, None)
+        """Drop the sequence's records of every kind."""
+        for key in [key for key in self.seqs if key[0] == seq_id]:
+            del self.seqs[key]
 
     # ------------------------------------------------------------------ reporting
 
@@ -336,6 +365,7 @@ class SpecController:
             "accepted_tokens": self.accepted_tokens,
             "acceptance_rate": rate,  # accepted / drafted
             "alpha": alpha,  # per-token acceptance (decayed), what choose_k uses
+            "alpha_by_kind": {str(kind): self.alpha(kind=kind) for kind in sorted(self._global_by_kind, key=str)},
             # tokens emitted per verification step, bonus included (the EAGLE / vLLM convention)
             "mean_accepted_length": 1 + self.accepted_tokens / drafts if drafts else 0.0,
             "mean_draft_length": mean_k,

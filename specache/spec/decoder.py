@@ -5,19 +5,20 @@ ask the controller for K, draft, verify in one target pass, record acceptance.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 
 import torch
 
+from specache.config import MAX_SPEC_TOKENS
 from specache.engine.runner import BatchItem
 from specache.engine.scheduler import SchedulerOutput
 from specache.engine.sequence import Sequence
 from specache.errors import ConfigError
-from specache.sampling import SamplingParams, logits_to_probs, sample_for_sequences
-from specache.spec.base import DraftRequest, Proposer
+from specache.sampling import SamplingParams, argmax_rows, logits_to_probs, sample_for_sequences
+from specache.spec.base import NOTHING_TO_DRAFT, DraftRequest, Proposer
 from specache.spec.controller import SpecController
-from specache.spec.verify import verify
+from specache.spec.verify import verify, verify_greedy_targets
 
 METHODS = "ngram | draft:PATH | layer-skip:L | quantized | lookahead | auto"
 
@@ -33,7 +34,7 @@ def build_proposer(engine, method: str) -> Proposer:
         if engine.config.weight_format != "dense":
             # An int8 self-draft of a target that already decodes with int8 weights is the target
             # itself, at the target's cost: auto is its prompt lookup alone there.
-            return NgramProposer(max_ngram=4, min_ngram=3, name="auto")
+            return NgramProposer(min_ngram=3, name="auto")
         return AutoProposer(_quantized_proposer(engine))
     if method == "lookahead":
         from specache.spec.lookahead import LookaheadProposer
@@ -80,9 +81,10 @@ def _model_proposer(engine, path: str) -> Proposer:
     return ModelProposer(model, engine.pool.num_blocks, engine.pool.block_size, "draft")
 
 
-# Dense where the cost curve has steps: the int8 kernel of hybrid weights costs about the same for
-# 1-4 rows and jumps by half at 5 (measured), which linear interpolation from 4 to 8 would hide.
-STEP_COST_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
+# Dense where the cost curve has steps, which linear interpolation would hide: the int8 kernel of
+# hybrid weights costs about the same for 1-4 rows and jumps by half at 5 (measured), and on AMX
+# every 16 rows start another tile pass (17 rows cost well above 16).
+STEP_COST_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 17, 24, 32, 33, 48, 64)
 
 
 @contextmanager
@@ -118,17 +120,25 @@ def measure_step_costs(engine, sizes: tuple[int, ...] = STEP_COST_SIZES, repeats
         return {n: _best_seconds(engine, BatchItem(seq, [0] * n, 0, 1), repeats) for n in sizes}
 
 
-def measure_attention_cost(engine, context: int = 1024, repeats: int = 5) -> float:
-    """ms per query row and context token: one decode step at the end of a `context`-token
-    sequence against one at its start (the cache's contents do not matter for the timing)."""
+def measure_attention_cost(engine, context: int = 1024, repeats: int = 5) -> tuple[float, float]:
+    """ms per context token of attention for a sequence's first query row, and for each further row
+    of a verification step: steps of 1 and MAX_SPEC_TOKENS + 1 rows at the end of a `context`-token
+    sequence against the same at its start (the cache's contents do not matter for the timing)."""
+    wide = MAX_SPEC_TOKENS + 1
     context = min(context, engine.max_model_len)
-    if context < 2:
-        return 0.0
+    if context < 2 * wide:
+        return 0.0, 0.0
     with _calibration_sequence(engine, context) as seq:
         if seq is None:
-            return 0.0
-        first, last = (_best_seconds(engine, BatchItem(seq, [0], start, 1), repeats) for start in (0, context - 1))
-    return max(0.0, (last - first) * 1000.0 / (context - 1))
+            return 0.0, 0.0
+
+        def per_key(rows: int) -> float:
+            first, last = (_best_seconds(engine, BatchItem(seq, [0] * rows, start, 1), repeats)
+                           for start in (0, context - rows))
+            return max(0.0, (last - first) * 1000.0 / (context - rows))
+
+        one, many = per_key(1), per_key(wide)
+    return one, max(0.0, (many - one) / (wide - 1))
 
 
 class SpecDecoder:
@@ -138,14 +148,18 @@ class SpecDecoder:
         self.max_k = num_spec_tokens
         self.proposer = build_proposer(engine, method)
         self.controller = SpecController(max_k=num_spec_tokens)
-        self.controller.calibrate(measure_step_costs(engine), attention_ms_per_key=measure_attention_cost(engine))
+        first_row, extra_row = measure_attention_cost(engine)
+        self.controller.calibrate(measure_step_costs(engine), attention_ms_per_key=first_row,
+                                  attention_ms_per_key_extra_row=extra_row)
         self._draft_probs: dict[int, torch.Tensor | None] = {}
-        # seq_id -> (index in seq.tokens of the shadow draft's first token, the drafted tokens)
-        self._shadows: dict[int, tuple[int, list[int]]] = {}
+        # seq_id -> (index in seq.tokens of the shadow draft's first token, the drafted tokens, their kind)
+        self._shadows: dict[int, tuple[int, list[int], Hashable]] = {}
         # seq_id -> whether this step's draft was free: acceptance is tracked per sequence and
         # source, since an `auto` sequence's lookup hits and model drafts fare differently
         self._free_draft: dict[int, bool] = {}
-        self._shadow_wanted: set[int] = set()  # drafted by a paid fallback this step: shadow its lookup
+        # drafted by a paid fallback this step: shadow its lookup, whose draft kind is kept here
+        self._shadow_wanted: dict[int, Hashable] = {}
+        self._kinds: dict[int, Hashable] = {}  # seq_id -> the kind of this step's draft (draft_kind)
 
     def _key(self, seq_id: int, free: bool) -> tuple[int, bool]:
         """The controller's record for a sequence's drafts from one source (free or paid)."""
@@ -159,13 +173,18 @@ class SpecDecoder:
         if not self.engine.config.spec_adaptive:
             return self.max_k
         batch = len(self.engine.scheduler.running)
+        seq_id = seq.seq_id
         self.controller.set_context(seq.num_tokens)
-        free = self.proposer.drafts_free_for(seq.seq_id, seq.tokens)
-        if free and not self.controller.wants_draft(self._key(seq.seq_id, True), batch, free_draft=True) \
-                and self.proposer.fall_back(seq.seq_id, seq.tokens):
+        free = self.proposer.drafts_free_for(seq_id, seq.tokens)
+        kind = self._kinds[seq_id] = self.proposer.draft_kind(seq_id, seq.tokens)
+        if kind == NOTHING_TO_DRAFT:
+            return 0
+        if free and not self.controller.wants_draft(self._key(seq_id, True), batch, free_draft=True, kind=kind) \
+                and self.proposer.fall_back(seq_id, seq.tokens):
             free = False  # its free drafts are not accepted: a paid source drafts it this step
-            self._shadow_wanted.add(seq.seq_id)
-        return self.controller.choose_k(self._key(seq.seq_id, free), batch, free_draft=free)
+            self._shadow_wanted[seq_id] = kind
+            kind = self._kinds[seq_id] = self.proposer.draft_kind(seq_id, seq.tokens)
+        return self.controller.choose_k(self._key(seq_id, free), batch, free_draft=free, kind=kind)
 
     def propose(self, sched: SchedulerOutput) -> dict[int, list[int]]:
         self._shadow_drafts(sched)
@@ -201,7 +220,7 @@ class SpecDecoder:
         make a new free one that is never verified. A shadow draft token matches the decoded token
         with the probability that verification would have accepted it (greedy: argmax equality;
         sampling with one-hot q: p(x)), so it is the same evidence a real draft gives."""
-        wanted, self._shadow_wanted = self._shadow_wanted, set()
+        wanted, self._shadow_wanted = self._shadow_wanted, {}
         if not self.proposer.free_to_draft and not wanted:
             return
         for s in sched.scheduled:
@@ -214,14 +233,15 @@ class SpecDecoder:
             if pending is not None and free_drafting:
                 del self._shadows[seq.seq_id]  # its real drafts report from now on: no double count
                 continue
-            off = seq.seq_id in wanted or (self.proposer.free_to_draft and s.num_spec_slots == 0
-                                           and self.controller.is_off_for_acceptance(self._key(seq.seq_id, True)))
+            kind = wanted.get(seq.seq_id, self._kinds.get(seq.seq_id))
+            off = seq.seq_id in wanted or (self.proposer.free_to_draft and s.num_spec_slots == 0 and
+                                           self.controller.is_off_for_acceptance(self._key(seq.seq_id, True), kind))
             if pending is None and off and s.num_new_tokens == 1 and seq.output_ids:
                 draft = self.proposer.shadow_draft(DraftRequest(seq.seq_id, seq.tokens, self.max_k, seq.params))
                 if draft:
-                    self._shadows[seq.seq_id] = (len(seq.tokens), list(draft))
+                    self._shadows[seq.seq_id] = (len(seq.tokens), list(draft), kind)
 
-    def _settle_shadow(self, seq: Sequence, start: int, draft: list[int]) -> bool:
+    def _settle_shadow(self, seq: Sequence, start: int, draft: list[int], kind: Hashable = None) -> bool:
         """Record the shadow draft once its outcome is known (a mismatch, or every token matched)."""
         actual = seq.tokens[start: start + len(draft)]
         matched = 0
@@ -229,7 +249,7 @@ class SpecDecoder:
             matched += 1
         if matched == len(actual) and len(actual) < len(draft):
             return False  # all matched so far; the rest is not decoded yet
-        self.controller.record_shadow(self._key(seq.seq_id, True), len(draft), matched)
+        self.controller.record_shadow(self._key(seq.seq_id, True), len(draft), matched, kind)
         return True
 
     # -------------------------------------------------------------- verification
@@ -254,21 +274,37 @@ class SpecDecoder:
         rows = [r for r in rows if r[3]]
         if not rows:
             return out
-        target_probs = self._target_probs(rows)
-        seqs = [it.seq for _, it, _, _ in rows]
-        draft_probs = [self._draft_probs.pop(it.seq.seq_id, None) for _, it, _, _ in rows]
-        results = verify([d for *_, d in rows], draft_probs, target_probs, [s.params for s in seqs],
-                         [s.generator for s in seqs])
-        for (i, it, _, draft), res, p in zip(rows, results, target_probs, strict=True):
+        # Greedy rows without penalties verify against the logits' argmax directly; the rest against
+        # the processed distributions (what plain decoding samples from).
+        plain_greedy = [r for r in rows if r[1].seq.params.greedy and not r[1].seq.params.has_penalties]
+        others = [r for r in rows if not (r[1].seq.params.greedy and not r[1].seq.params.has_penalties)]
+        verified = []  # (row, result, the target's argmax after each draft prefix)
+        if plain_greedy:
+            flat = argmax_rows(torch.cat([lg for _, _, lg, _ in plain_greedy]).float()).tolist()
+            start = 0
+            for r in plain_greedy:
+                targets = flat[start: start + len(r[3]) + 1]
+                start += len(r[3]) + 1
+                self._draft_probs.pop(r[1].seq.seq_id, None)
+                verified.append((r, verify_greedy_targets(r[3], targets), targets))
+        if others:
+            target_probs = self._target_probs(others)
+            seqs = [it.seq for _, it, _, _ in others]
+            draft_probs = [self._draft_probs.pop(s.seq_id, None) for s in seqs]
+            results = verify([d for *_, d in others], draft_probs, target_probs, [s.params for s in seqs],
+                             [s.generator for s in seqs])
+            verified += [(r, res, p.argmax(dim=-1).tolist())
+                         for r, res, p in zip(others, results, target_probs, strict=True)]
+        for (i, it, _, draft), res, predictions in verified:
             out[i] = list(res.tokens)
             if observe is not None:  # Jacobi-style proposers learn from the target's predictions
-                observe(it.seq.seq_id, draft, p.argmax(dim=-1).tolist(), res.num_accepted)
+                observe(it.seq.seq_id, draft, predictions, res.num_accepted)
             seq = it.seq
             seq.spec_drafted += len(draft)
             seq.spec_accepted += res.num_accepted
             seq.spec_steps += 1
             self.controller.record(self._key(seq.seq_id, self._free_draft.pop(seq.seq_id, False)), len(draft),
-                                   res.num_accepted)
+                                   res.num_accepted, self._kinds.get(seq.seq_id))
             self.proposer.on_verified(seq.seq_id, res.num_accepted)
         return out
 
@@ -294,6 +330,7 @@ class SpecDecoder:
         self._shadows.pop(seq.seq_id, None)
         self.proposer.release(seq.seq_id)
         self._free_draft.pop(seq.seq_id, None)
+        self._kinds.pop(seq.seq_id, None)
         for free in (True, False):
             self.controller.release(self._key(seq.seq_id, free))
 

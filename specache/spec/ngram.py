@@ -12,21 +12,30 @@ When the chosen occurrence overlaps the end of the text (a loop such as "a b a b
 followed it run out before K; the continuation is then periodic with period (end - occurrence),
 so it is extended by repetition (`extend_periodic`), which is what the same lookup would propose
 again after each accepted token.
+
+How many tokens matched also predicts whether the draft will be accepted: on bench spec's tasks
+the first drafted token was accepted after 8+ matched tokens ~97% of the time (with ~11 of 16
+drafted tokens accepted on average), after a single matched token ~35%. So the match length is
+the draft's kind (`draft_kind`): the controller learns an acceptance rate per length and drafts
+up to K = 16 tokens while the output is copying, a few or none after a short match.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import numpy as np
 
-from specache.spec.base import Draft, DraftRequest, Proposer
+from specache.config import MAX_SPEC_TOKENS
+from specache.spec.base import NOTHING_TO_DRAFT, Draft, DraftRequest, Proposer
 
 
-def lookup(tokens: np.ndarray, k: int, max_ngram: int = 4, min_ngram: int = 1,
-           extend_periodic: bool = True) -> list[int]:
-    """Up to k tokens that followed the latest earlier match of the longest matching suffix."""
+def find_match(tokens: np.ndarray, max_ngram: int = 4, min_ngram: int = 1) -> tuple[int, int]:
+    """(end, n): the latest earlier occurrence of the longest suffix of n tokens (max_ngram >= n >=
+    min_ngram) that something follows; end is the index of its last token. (-1, 0) when none."""
     length = len(tokens)
-    if k <= 0 or length < min_ngram + 1:
-        return []
+    if length < min_ngram + 1:
+        return -1, 0
     # Ends j < length - 1 (something must follow) of 1-token matches, ascending.
     ends = np.flatnonzero(tokens[:-1] == tokens[-1])
     n = 1
@@ -39,12 +48,23 @@ def lookup(tokens: np.ndarray, k: int, max_ngram: int = 4, min_ngram: int = 1,
             break
         ends, n = longer, n + 1
     if not ends.size or n < min_ngram:
-        return []
-    end = int(ends[-1])
+        return -1, 0
+    return int(ends[-1]), n
+
+
+def continuation(tokens: np.ndarray, end: int, k: int, extend_periodic: bool = True) -> list[int]:
+    """Up to k tokens that followed tokens[end]."""
     cont = tokens[end + 1: end + 1 + k]
     if extend_periodic and len(cont) < k:
         cont = np.resize(cont, k)  # cont runs to the end of the text: its period is len(cont)
     return cont.tolist()
+
+
+def lookup(tokens: np.ndarray, k: int, max_ngram: int = 4, min_ngram: int = 1,
+           extend_periodic: bool = True) -> list[int]:
+    """Up to k tokens that followed the latest earlier match of the longest matching suffix."""
+    end, n = find_match(tokens, max_ngram, min_ngram) if k > 0 else (-1, 0)
+    return continuation(tokens, end, k, extend_periodic) if n else []
 
 
 class _History:
@@ -73,7 +93,7 @@ class _History:
 class NgramProposer(Proposer):
     free_to_draft = True
 
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, name: str = "ngram",
+    def __init__(self, max_ngram: int = 8, min_ngram: int = 1, name: str = "ngram",
                  extend_periodic: bool = True) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
@@ -82,17 +102,32 @@ class NgramProposer(Proposer):
         self.min_ngram = min_ngram
         self.extend_periodic = extend_periodic
         self._histories: dict[int, _History] = {}
+        # seq_id -> (token count, last token, the longest draft, its match length): scheduling asks
+        # for the draft's kind, drafting then reuses the same lookup
+        self._matches: dict[int, tuple[int, int, list[int], int]] = {}
+
+    def match(self, seq_id: int, token_ids: list[int]) -> tuple[list[int], int]:
+        """The sequence's draft (up to MAX_SPEC_TOKENS tokens) and how many tokens matched (0: none)."""
+        if not token_ids:
+            return [], 0
+        cached = self._matches.get(seq_id)
+        if cached is None or cached[:2] != (len(token_ids), token_ids[-1]):
+            tokens = self._histories.setdefault(seq_id, _History()).sync(token_ids)
+            end, n = find_match(tokens, self.max_ngram, self.min_ngram)
+            draft = continuation(tokens, end, MAX_SPEC_TOKENS, self.extend_periodic) if n else []
+            cached = self._matches[seq_id] = (len(token_ids), token_ids[-1], draft, n)
+        return cached[2], cached[3]
+
+    def draft_kind(self, seq_id: int, token_ids: list[int]) -> Hashable:
+        """The match length: drafts after an 8-token match are accepted ~97% of the time on copy
+        tasks, after a 1-token match ~40% (bench spec's tasks), so each length learns its own rate."""
+        draft, n = self.match(seq_id, token_ids)
+        return n if draft else NOTHING_TO_DRAFT
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        drafts = []
-        for r in requests:
-            if r.num_tokens <= 0 or not r.token_ids:
-                drafts.append(Draft([], None))
-                continue
-            tokens = self._histories.setdefault(r.seq_id, _History()).sync(r.token_ids)
-            drafts.append(Draft(lookup(tokens, r.num_tokens, self.max_ngram, self.min_ngram,
-                                       self.extend_periodic), None))
-        return drafts
+        return [Draft(self.match(r.seq_id, r.token_ids)[0][: r.num_tokens] if r.num_tokens > 0 else [], None)
+                for r in requests]
 
     def release(self, seq_id: int) -> None:
         self._histories.pop(seq_id, None)
+        self._matches.pop(seq_id, None)

@@ -88,13 +88,19 @@ def _verify_greedy(drafts: list[list[int]], ps: list[torch.Tensor]) -> list[Veri
     flat = [t for p in ps for t in _argmax_rows(p)]
     out, start = [], 0
     for draft in drafts:
-        target = flat[start: start + len(draft) + 1]
+        out.append(verify_greedy_targets(draft, flat[start: start + len(draft) + 1]))
         start += len(draft) + 1
-        n = 0
-        while n < len(draft) and draft[n] == target[n]:
-            n += 1
-        out.append(VerifyResult(draft[:n] + [target[n]], n))
     return out
+
+
+def verify_greedy_targets(draft: list[int], targets: list[int]) -> VerifyResult:
+    """Greedy verification from the target's argmax after each draft prefix (len(draft) + 1 ids):
+    the decoder hands these straight from the logits for greedy rows without penalties, where a
+    one-hot distribution over the vocabulary would only be built to be argmaxed again."""
+    n = 0
+    while n < len(draft) and draft[n] == targets[n]:
+        n += 1
+    return VerifyResult(draft[:n] + [targets[n]], n)
 
 
 def _argmax_rows(p: torch.Tensor) -> list[int]:
