@@ -348,11 +348,19 @@ def test_fused_step_matches_pytorch_on_the_same_dequantized_weights(native, tmp_
     assert ((got - want).abs() / spread).max().item() < (0.01 if cache_dtype == torch.float32 else 0.015)
 
 
+def test_verification_steps_stay_on_the_row_attention_kernel(native):
+    """Prefill chunks from AMX_ATTENTION_MIN_ROWS new tokens go to the tile-unit attention, which
+    rounds differently from the row kernel; a verification step (at most MAX_SPEC_TOKENS drafts + 1
+    rows per sequence) must stay below it, or greedy speculative output could leave plain output."""
+    from specache.config import MAX_SPEC_TOKENS
+
+    assert MAX_SPEC_TOKENS + 1 < native.AMX_ATTENTION_MIN_ROWS
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_attention_rows_do_not_depend_on_the_rows_beside_them(native, cache_dtype):
-    """A verification step's rows (and a prefill chunk's) come out bit for bit as the same tokens
-    decoded one at a time, on either attention path (bf16 caches go to AMX tiles where there are
-    some): greedy speculative output equals plain output only if they do."""
+    """A verification step's rows come out bit for bit as the same tokens decoded one at a time,
+    whatever else the step holds: greedy speculative output equals plain output only if they do."""
     torch.manual_seed(3)
     nh, nkv, d, context, new = 9, 3, 64, 300, 17
     k_slots = torch.randn(512, nkv, d).to(cache_dtype)

@@ -279,9 +279,9 @@ def test_attention_over_long_contexts_makes_wide_verification_dear():
     assert c.step_ms(2, 16) == pytest.approx(c._pass_ms(48))
 
 
-def test_attention_tiles_shared_by_a_sequences_rows_make_wide_verification_cheap():
-    """On AMX tiles the verification rows of a sequence share each key's pass: with the further
-    rows' attention measured at 1/8 of the first's, long contexts no longer push K down."""
+def test_attention_shared_by_a_sequences_rows_makes_wide_verification_cheap():
+    """Where a kernel lets a sequence's verification rows share each key's pass (the further rows'
+    attention measured at 1/8 of the first's), long contexts no longer push K down."""
     c = SpecController(max_k=4)
     c.calibrate(MEMORY_BOUND, attention_ms_per_key=0.0008, attention_ms_per_key_extra_row=0.0001)
     c.set_context(2000)

@@ -17,7 +17,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <new>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -700,26 +699,24 @@ void attend_group(const float* q, int64_t heads, const T* k_base, const T* v_bas
     for (int64_t i = 0; i < d; ++i) out[h * d + i] *= inv_total[h];
 }
 
-#ifdef SPECACHE_AMX
-// ---- attention on the tile unit (bf16 cache) ----
-// Every sequence of a step with a bf16 cache, decode rows included, is attended per KV head: the
-// rows of its query heads (token t, head h of the group as row t * group + h) in blocks of 16 go
-// through S = Q K^T on the tile unit (q scaled, rounded to bf16; fp32 sums), an exact softmax over
-// each row's visible keys (P rounded to bf16 in place, the denominator summing the rounded values),
-// and O = P V on the tile unit. A row's result depends on its own query and the keys it sees, not
-// on the rows beside it in a tile (each tile element sums its own row and column; the keys past a
-// row's reach enter with probability 0), so a verification step's rows come out bit for bit as
-// the same tokens decoded one at a time: greedy speculative output stays equal to plain output.
-// Against the row-at-a-time kernel (~7 us per token and layer at 300 keys, each row reading every
-// key again) a verification step of 17 rows gets ~16x fewer passes over its keys; a decode row
-// costs about what it did, the per-step tile layout of the keys and values (below) included.
+// New tokens of a sequence from which its attention runs on the tile unit (below). From 32: a
+// verification step (at most 16 drafts + 1) stays on the row kernel, so its rows round exactly as
+// plain decode rows do.
+constexpr int64_t kAmxAttentionMinRows = 32;
 
-// Tiles of 64-byte rows: S / O accumulators 0-3 and A (Q or P) 4-5 with one row per query row of
-// the block (a decode step's block holds one row per query head of a KV head, 3 of 16 for
-// SmolLM2: fewer rows, fewer cycles on the tile unit), B (K^T or V) 6-7 with 16.
-void amx_configure_attention(int64_t rows) {
+#ifdef SPECACHE_AMX
+// ---- prefill-sized attention on the tile unit (bf16 cache) ----
+// A sequence bringing at least kAmxAttentionMinRows new tokens (a prefill chunk) is attended per
+// query head in blocks of 16 queries: S = Q K^T on the tile unit (q scaled, rounded to bf16; fp32
+// sums), an exact softmax over each row's visible keys (P rounded to bf16 in place, the
+// denominator summing the rounded values, as the one-row kernel does), O = P V on the tile unit.
+// The row-at-a-time kernel recomputes nothing either, but at ~7 us per query row and layer (300
+// keys) it lost to SDPA's blocked kernel above 64 rows.
+
+// All eight tiles as 16 rows x 64 bytes: S / O accumulators 0-3, A (Q or P) 4, B (K^T or V) 6.
+void amx_configure_attention() {
   TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = t < 6 ? rows : 16, cfg.colsb[t] = 64;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   compiler_barrier();
   _tile_loadconfig(&cfg);
 }
@@ -743,49 +740,18 @@ inline void tile_dp_acc(int c) {  // accumulator c += tile 4 x tile 6
   }
 }
 
-// r[i] lane j <- r[j] lane i, for 16 vectors of 16 32-bit lanes.
-inline void transpose16x16(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {  // lane quad L of t[i]: (r[i], r[i + 1]) at columns 4L, 4L + 1
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  __m512i u[16];  // lane quad L of u[4i + j]: column 4L + j of rows 4i .. 4i + 3
-  for (int i = 0; i < 16; i += 4) {
-    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {  // column 4L + j: quad L of u[j], u[4 + j], u[8 + j], u[12 + j]
-    const __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
-    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
-    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
-    r[j] = _mm512_shuffle_i32x4(v0, v2, 0x88);
-    r[4 + j] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
-    r[8 + j] = _mm512_shuffle_i32x4(v1, v3, 0x88);
-    r[12 + j] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
-  }
-}
-
 // One KV head's keys as K^T tiles: tile (j, c) = keys 16j .. 16j + 15 x dims 32c .. 32c + 31, as 16
-// rows of dim pairs x 16 keys (TDPBF16PS's B layout, a 16 x 16 transpose of 32-bit pairs); keys
-// past kv_len are zero.
+// rows of dim pairs x 16 keys (TDPBF16PS's B layout); keys past kv_len are zero.
 void layout_keys(const uint16_t* k, const int64_t* slots, int64_t kv_len, int64_t stride, int64_t d, uint32_t* kt) {
   const int64_t blocks = (kv_len + 15) / 16, chunks = d / 32;
-  __m512i r[16];
   for (int64_t j = 0; j < blocks; ++j)
-    for (int64_t c = 0; c < chunks; ++c) {
-      if (c == 0)  // keys 4 blocks ahead, behind the slots' indirection
-        for (int64_t key = (j + 4) * 16; key < std::min(kv_len, (j + 5) * 16); ++key)
-          prefetch_row(k + slots[key] * stride, static_cast<int>(d * 2));
-      for (int64_t n = 0; n < 16; ++n) {
-        const int64_t key = j * 16 + n;
-        r[n] = key < kv_len ? _mm512_loadu_si512(k + slots[key] * stride + c * 32) : _mm512_setzero_si512();
+    for (int64_t n = 0; n < 16; ++n) {
+      const int64_t key = j * 16 + n;
+      const auto* row = key < kv_len ? reinterpret_cast<const uint32_t*>(k + slots[key] * stride) : nullptr;
+      for (int64_t c = 0; c < chunks; ++c) {
+        uint32_t* tile = kt + (j * chunks + c) * 256;
+        for (int64_t r = 0; r < 16; ++r) tile[r * 16 + n] = row != nullptr ? row[c * 16 + r] : 0u;
       }
-      transpose16x16(r);
-      uint32_t* tile = kt + (j * chunks + c) * 256;
-      for (int64_t row = 0; row < 16; ++row) _mm512_storeu_si512(tile + row * 16, r[row]);
     }
 }
 
@@ -793,47 +759,21 @@ void layout_keys(const uint16_t* k, const int64_t* slots, int64_t kv_len, int64_
 // key pairs x 16 dims holding (V[2r][n], V[2r + 1][n]); keys past kv_len are zero.
 void layout_values(const uint16_t* v, const int64_t* slots, int64_t kv_len, int64_t stride, int64_t d, uint16_t* vt) {
   const int64_t pair_blocks = (kv_len + 31) / 32, chunks = d / 16;
-  alignas(64) uint16_t lo_index[32], hi_index[32];
-  for (int n = 0; n < 16; ++n) {  // (a[n], b[n]) pairs; permutex2var reads b from index 32 on
-    lo_index[2 * n] = n, lo_index[2 * n + 1] = 32 + n;
-    hi_index[2 * n] = 16 + n, hi_index[2 * n + 1] = 48 + n;
-  }
-  const __m512i lo = _mm512_load_si512(lo_index), hi = _mm512_load_si512(hi_index);
   for (int64_t jb = 0; jb < pair_blocks; ++jb)
-    for (int64_t r = 0; r < 16; ++r) {
-      const int64_t key = jb * 32 + 2 * r;
-      for (int64_t ahead = key + 32; ahead < std::min(kv_len, key + 34); ++ahead)  // 16 pairs ahead
-        prefetch_row(v + slots[ahead] * stride, static_cast<int>(d * 2));
-      const uint16_t* even = key < kv_len ? v + slots[key] * stride : nullptr;
-      const uint16_t* odd = key + 1 < kv_len ? v + slots[key + 1] * stride : nullptr;
-      for (int64_t c = 0; c < chunks; c += 2) {  // 32 dims: tiles c and c + 1
-        const __m512i a = even != nullptr ? _mm512_loadu_si512(even + c * 16) : _mm512_setzero_si512();
-        const __m512i b = odd != nullptr ? _mm512_loadu_si512(odd + c * 16) : _mm512_setzero_si512();
-        _mm512_storeu_si512(vt + (jb * chunks + c) * 512 + r * 32, _mm512_permutex2var_epi16(a, lo, b));
-        _mm512_storeu_si512(vt + (jb * chunks + c + 1) * 512 + r * 32, _mm512_permutex2var_epi16(a, hi, b));
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t e = 0; e < 2; ++e) {
+        const int64_t key = jb * 32 + 2 * r + e;
+        const uint16_t* row = key < kv_len ? v + slots[key] * stride : nullptr;
+        for (int64_t c = 0; c < chunks; ++c) {
+          uint16_t* tile = vt + (jb * chunks + c) * 512;
+          for (int64_t n = 0; n < 16; ++n) tile[r * 32 + n * 2 + e] = row != nullptr ? row[c * 16 + n] : 0;
+        }
       }
-    }
 }
 
-// Cache-line aligned storage for tiles: a tile row that straddles two lines costs two accesses, and
-// a std::vector's 16-byte alignment left that to chance in every process.
-template <typename T>
-struct LineAligned {
-  using value_type = T;
-  LineAligned() = default;
-  template <typename U>
-  LineAligned(const LineAligned<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
-  template <typename U>
-  bool operator==(const LineAligned<U>&) const { return true; }
-};
-template <typename T>
-using TileBuffer = std::vector<T, LineAligned<T>>;
-
 struct AttentionScratch {
-  TileBuffer<uint16_t> q, probs;
-  TileBuffer<float> scores;
+  std::vector<uint16_t> q, probs;
+  std::vector<float> scores;
 };
 
 // Softmax of one row's first `visible` scores into bf16 probabilities over `cols` columns (zero past
@@ -851,73 +791,21 @@ float softmax_row_bf16(float* row, int64_t visible, int64_t cols, uint16_t* prob
   return 1.f / _mm512_reduce_add_ps(total);
 }
 
-// Where the query heads of one KV head of one sequence live: row rho = token t * group + head h
-// (of the KV head's group) reads q + t * q_stride + h * d and writes out + t * out_stride + h * d,
-// and sees keys [0, kv_len - q_len + t].
-struct GroupRows {
-  const float* q;
-  int64_t q_stride;
-  float* out;
-  int64_t out_stride, group, q_len, kv_len, d;
-  const float* query(int64_t rho) const { return q + rho / group * q_stride + rho % group * d; }
-  float* output(int64_t rho) const { return out + rho / group * out_stride + rho % group * d; }
-  int64_t visible(int64_t rho) const { return kv_len - q_len + rho / group + 1; }
-};
-
-// Where a KV head's tiles come from: laid out once for all its query rows (prefill chunks: every row
-// tile reads them), or block by block as the keys and values stream in (a single row tile, as in
-// decode and verification: each key is then read from memory once, and the tile unit works on one
-// block while the next one's loads are in flight). The tiles are the same either way.
-struct LaidOutTiles {
-  const uint32_t* kt;
-  const uint16_t* vt;
-  int64_t d;
-  const uint32_t* keys(int64_t j) const { return kt + j * (d / 32) * 256; }  // block j's d / 32 K^T tiles
-  const uint16_t* values(int64_t jb) const { return vt + jb * (d / 16) * 512; }  // pair block jb's V tiles
-};
-
-struct StreamedTiles {
-  const uint16_t* k;
-  const uint16_t* v;
-  const int64_t* slots;
-  int64_t kv_len, stride, d;
-  uint32_t* kt;  // one block's tiles (scratch)
-  uint16_t* vt;
-  static constexpr int64_t kAhead = 64;  // keys prefetched ahead
-  // The keys and the values of [from, to): the values are fetched with the keys, so that they are
-  // in L2 (a KV head's ~200 KB) by the time P V needs them.
-  void prefetch(int64_t from, int64_t to) const {
-    for (int64_t key = from; key < std::min(kv_len, to); ++key) {
-      prefetch_row(k + slots[key] * stride, static_cast<int>(d * 2));
-      prefetch_row(v + slots[key] * stride, static_cast<int>(d * 2));
-    }
-  }
-  const uint32_t* keys(int64_t j) const {
-    prefetch(j == 0 ? 0 : j * 16 + kAhead, (j + 1) * 16 + kAhead);
-    layout_keys(k, slots + j * 16, std::min<int64_t>(16, kv_len - j * 16), stride, d, kt);
-    return kt;
-  }
-  const uint16_t* values(int64_t jb) const {
-    layout_values(v, slots + jb * 32, std::min<int64_t>(32, kv_len - jb * 32), stride, d, vt);
-    return vt;
-  }
-};
-
-// Rows [row_begin, row_end) of one KV head of one sequence, tiles from `tiles`. d a multiple of 32.
-template <typename Tiles>
-void amx_attend_rows(const GroupRows& g, int64_t row_begin, int64_t row_end, const Tiles& tiles, float scale,
-                     AttentionScratch& s, int64_t& configured) {
-  const int64_t d = g.d, chunks = d / 32, vchunks = d / 16, cols_max = (g.kv_len + 31) / 32 * 32;
+// One query head of one sequence: q rows at q + i * q_stride, output rows at out + i * out_stride;
+// kt / vt its KV head's tiles. d a multiple of 32.
+void amx_attend_head(const float* q, int64_t q_stride, const uint32_t* kt, const uint16_t* vt, int64_t q_len,
+                     int64_t kv_len, int64_t d, float scale, float* out, int64_t out_stride, AttentionScratch& s) {
+  const int64_t chunks = d / 32, vchunks = d / 16, cols_max = (kv_len + 31) / 32 * 32;
   s.scores.resize(16 * cols_max), s.probs.resize(16 * cols_max), s.q.resize(16 * d);
   alignas(64) float o_tile[16 * 16];
-  for (int64_t i0 = row_begin; i0 < row_end; i0 += 16) {
-    const int64_t rows = std::min<int64_t>(16, row_end - i0);
-    const int64_t key_blocks = (g.visible(i0 + rows - 1) + 15) / 16;  // as far as the block's last row sees
+  for (int64_t i0 = 0; i0 < q_len; i0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, q_len - i0);
+    const int64_t key_blocks = (kv_len - q_len + i0 + rows + 15) / 16;  // as far as the block's last row sees
     const int64_t cols = (key_blocks * 16 + 31) / 32 * 32;
-    if (rows != configured) amx_configure_attention(configured = rows);
-    for (int64_t r = 0; r < rows; ++r)
+    for (int64_t r = 0; r < 16; ++r)
       for (int64_t j = 0; j < d; j += 16) {
-        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(g.query(i0 + r) + j), _mm512_set1_ps(scale));
+        const __m512 x = r < rows ? _mm512_mul_ps(_mm512_loadu_ps(q + (i0 + r) * q_stride + j), _mm512_set1_ps(scale))
+                                  : _mm512_setzero_ps();
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.q.data() + r * d + j), (__m256i)_mm512_cvtneps_pbh(x));
       }
     compiler_barrier();
@@ -926,105 +814,99 @@ void amx_attend_rows(const GroupRows& g, int64_t row_begin, int64_t row_end, con
       _tile_loadd(4, s.q.data() + c * 32, d * 2);
       if (two) _tile_loadd(5, s.q.data() + (c + 1) * 32, d * 2);
       for (int64_t j = 0; j < key_blocks; ++j) {
-        const uint32_t* kt = tiles.keys(j);
-        compiler_barrier();
         if (c == 0) {
           _tile_zero(0);
         } else {
           _tile_loadd(0, s.scores.data() + j * 16, cols_max * 4);
         }
-        _tile_loadd(6, kt + c * 256, 64);
+        _tile_loadd(6, kt + (j * chunks + c) * 256, 64);
         _tile_dpbf16ps(0, 4, 6);
         if (two) {
-          _tile_loadd(7, kt + (c + 1) * 256, 64);
+          _tile_loadd(7, kt + (j * chunks + c + 1) * 256, 64);
           _tile_dpbf16ps(0, 5, 7);
         }
         store_tile(0, s.scores.data() + j * 16, cols_max * 4);
       }
     }
     float inv_total[16];
-    for (int64_t r = 0; r < rows; ++r)
-      inv_total[r] = softmax_row_bf16(s.scores.data() + r * cols_max, g.visible(i0 + r), cols,
-                                      s.probs.data() + r * cols_max);
+    for (int64_t r = 0; r < 16; ++r) {
+      uint16_t* probs = s.probs.data() + r * cols_max;
+      if (r < rows) {
+        inv_total[r] = softmax_row_bf16(s.scores.data() + r * cols_max, kv_len - q_len + i0 + r + 1, cols, probs);
+      } else {
+        std::memset(probs, 0, cols * sizeof(uint16_t));
+        inv_total[r] = 0.f;
+      }
+    }
     compiler_barrier();
     for (int64_t c0 = 0; c0 < vchunks; c0 += 4) {  // O = P V, up to 64 output dims per pass
       const int64_t nc = std::min<int64_t>(4, vchunks - c0);
       for (int c = 0; c < nc; ++c) tile_zero_acc(c);
       for (int64_t jb = 0; jb < cols / 32; ++jb) {
-        const uint16_t* vt = tiles.values(jb);
-        compiler_barrier();
         _tile_loadd(4, s.probs.data() + jb * 32, cols_max * 2);
         for (int c = 0; c < nc; ++c) {
-          _tile_loadd(6, vt + (c0 + c) * 512, 64);
+          _tile_loadd(6, vt + (jb * vchunks + c0 + c) * 512, 64);
           tile_dp_acc(c);
         }
       }
       for (int c = 0; c < nc; ++c) {
         store_tile(c, o_tile, 64);
         for (int64_t r = 0; r < rows; ++r)
-          _mm512_storeu_ps(g.output(i0 + r) + (c0 + c) * 16,
+          _mm512_storeu_ps(out + (i0 + r) * out_stride + (c0 + c) * 16,
                            _mm512_mul_ps(_mm512_loadu_ps(o_tile + r * 16), _mm512_set1_ps(inv_total[r])));
       }
     }
   }
 }
 
-// Query rows per work item of the tile-unit attention: a prefill chunk's KV head splits into items
-// of 4 row tiles, so one long prompt still feeds both threads.
-constexpr int64_t kAmxRowsPerItem = 64;
-
-// A step's sequences on the tile unit: one work item per (sequence, KV head, up to kAmxRowsPerItem
-// query rows). A worker lays out the tiles of a (sequence, KV head) when its first item of it
-// comes, into its own buffer, and attends right away while they are in its L2: laying out every
-// head first and attending after had tripled the memory traffic of a 16-sequence decode step.
-void amx_attention(const float* q, int64_t q_stride, const at::BFloat16* k, const at::BFloat16* v,
-                   const int64_t* info, const int64_t* slots, int64_t n, int64_t nh, int64_t nkv, int64_t d,
-                   float scale, float* out) {
-  const int64_t group = nh / nkv;
-  std::vector<int64_t> first_item(n * nkv + 1, 0);  // (sequence, KV head) i: items [first_item[i], first_item[i+1])
-  for (int64_t i = 0; i < n * nkv; ++i)
-    first_item[i + 1] = first_item[i] + (info[i / nkv * 4 + 1] * group + kAmxRowsPerItem - 1) / kAmxRowsPerItem;
-  at::parallel_for(0, first_item.back(), 1, [&](int64_t begin, int64_t end) {
-    thread_local AttentionScratch scratch;  // this worker's
-    thread_local TileBuffer<uint32_t> kt;
-    thread_local TileBuffer<uint16_t> vt;
-    int64_t configured = -1;  // rows of the tile configuration loaded (amx_configure_attention)
-    int64_t i = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1, laid = -1;
-    for (int64_t item = begin; item < end; ++item) {
-      while (item >= first_item[i + 1]) ++i;
-      const int64_t b = i / nkv, g = i % nkv;
-      const int64_t q_start = info[b * 4], q_len = info[b * 4 + 1], kv_len = info[b * 4 + 2];
-      const GroupRows rows{q + q_start * q_stride + g * group * d, q_stride, out + (q_start * nh + g * group) * d,
-                           nh * d, group, q_len, kv_len, d};
-      const int64_t row_begin = (item - first_item[i]) * kAmxRowsPerItem;
-      const int64_t row_end = std::min(q_len * group, row_begin + kAmxRowsPerItem);
-      const uint16_t* k_head = reinterpret_cast<const uint16_t*>(k) + g * d;
-      const uint16_t* v_head = reinterpret_cast<const uint16_t*>(v) + g * d;
+// The long sequences `long_seqs` of a step: first each (sequence, KV head) lays out its tiles, then
+// one work item per (sequence, query head) attends.
+void amx_prefill_attention(const float* q, int64_t q_stride, const at::BFloat16* k, const at::BFloat16* v,
+                           const int64_t* info, const int64_t* slots, const std::vector<int64_t>& long_seqs,
+                           int64_t nh, int64_t nkv, int64_t d, float scale, float* out) {
+  const int64_t group = nh / nkv, n = static_cast<int64_t>(long_seqs.size());
+  std::vector<int64_t> kt_at(n * nkv + 1, 0), vt_at(n * nkv + 1, 0);  // each layout's offset
+  for (int64_t i = 0; i < n * nkv; ++i) {
+    const int64_t kv_len = info[long_seqs[i / nkv] * 4 + 2];
+    kt_at[i + 1] = kt_at[i] + (kv_len + 15) / 16 * (d / 32) * 256;
+    vt_at[i + 1] = vt_at[i] + (kv_len + 31) / 32 * (d / 16) * 512;
+  }
+  thread_local std::vector<uint32_t> kt_buffer;  // the calling thread's, shared with the workers below
+  thread_local std::vector<uint16_t> vt_buffer;
+  std::vector<uint32_t>& kt = kt_buffer;
+  std::vector<uint16_t>& vt = vt_buffer;
+  kt.resize(kt_at.back()), vt.resize(vt_at.back());
+  at::parallel_for(0, n * nkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = long_seqs[i / nkv], g = i % nkv;
       const int64_t* seq_slots = slots + info[b * 4 + 3];
-      if (q_len * group <= 16) {  // one row tile: stream the keys and values through it
-        kt.resize((d / 32) * 256), vt.resize((d / 16) * 512);
-        const StreamedTiles tiles{k_head, v_head, seq_slots, kv_len, nkv * d, d, kt.data(), vt.data()};
-        amx_attend_rows(rows, row_begin, row_end, tiles, scale, scratch, configured);
-        laid = -1;
-        continue;
-      }
-      if (i != laid) {
-        kt.resize((kv_len + 15) / 16 * (d / 32) * 256), vt.resize((kv_len + 31) / 32 * (d / 16) * 512);
-        layout_keys(k_head, seq_slots, kv_len, nkv * d, d, kt.data());
-        layout_values(v_head, seq_slots, kv_len, nkv * d, d, vt.data());
-        laid = i;
-      }
-      amx_attend_rows(rows, row_begin, row_end, LaidOutTiles{kt.data(), vt.data(), d}, scale, scratch, configured);
+      layout_keys(reinterpret_cast<const uint16_t*>(k) + g * d, seq_slots, info[b * 4 + 2], nkv * d, d,
+                  kt.data() + kt_at[i]);
+      layout_values(reinterpret_cast<const uint16_t*>(v) + g * d, seq_slots, info[b * 4 + 2], nkv * d, d,
+                    vt.data() + vt_at[i]);
+    }
+  });
+  at::parallel_for(0, n * nh, 1, [&](int64_t begin, int64_t end) {
+    thread_local AttentionScratch scratch;  // this worker's
+    amx_configure_attention();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / nh, b = long_seqs[i], h = item % nh, layout = i * nkv + h / group;
+      const int64_t q_start = info[b * 4], q_len = info[b * 4 + 1], kv_len = info[b * 4 + 2];
+      amx_attend_head(q + q_start * q_stride + h * d, q_stride, kt.data() + kt_at[layout], vt.data() + vt_at[layout],
+                      q_len, kv_len, d, scale, out + (q_start * nh + h) * d, nh * d, scratch);
     }
     _tile_release();
   });
 }
 
-// Whether a step's attention over this cache goes to the tile unit (every sequence: see above).
+// Whether a sequence of this step goes to amx_prefill_attention.
 template <typename T>
-bool amx_attention_takes(int64_t d) {
-  return std::is_same_v<T, at::BFloat16> && d % 32 == 0 && amx_enabled();
+bool amx_attention_takes(int64_t q_len, int64_t d) {
+  return std::is_same_v<T, at::BFloat16> && q_len >= kAmxAttentionMinRows && d % 32 == 0 && amx_enabled();
 }
+#else
+template <typename T>
+bool amx_attention_takes(int64_t, int64_t) { return false; }
 #endif
 
 // Query head h of token t is at q + t * q_stride + h * d (q_stride lets the fused step read the
@@ -1038,18 +920,19 @@ void paged_attention_impl(const float* q, int64_t q_stride, const T* k, const T*
   TORCH_CHECK(group <= kMaxGroup, "paged_attention: at most ", kMaxGroup, " query heads per KV head");
   int64_t max_kv = 1;
   std::vector<int64_t> first_item(num_seqs + 1, 0);  // work items of sequence b: [first_item[b], first_item[b+1])
+  std::vector<int64_t> long_seqs;  // prefill chunks, for the tile unit
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const bool tiles = amx_attention_takes<T>(info[b * 4 + 1], d);
+    if (tiles) long_seqs.push_back(b);
+    else max_kv = std::max(max_kv, info[b * 4 + 2]);
+    first_item[b + 1] = first_item[b] + (tiles ? 0 : info[b * 4 + 1] * nkv);
+  }
 #ifdef SPECACHE_AMX
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (amx_attention_takes<T>(d)) {
-      amx_attention(q, q_stride, k, v, info, slots, num_seqs, nh, nkv, d, scale, out);
-      return;
-    }
+    if (!long_seqs.empty())
+      amx_prefill_attention(q, q_stride, k, v, info, slots, long_seqs, nh, nkv, d, scale, out);
   }
 #endif
-  for (int64_t b = 0; b < num_seqs; ++b) {
-    max_kv = std::max(max_kv, info[b * 4 + 2]);
-    first_item[b + 1] = first_item[b] + info[b * 4 + 1] * nkv;
-  }
   if (first_item[num_seqs] == 0) return;
   at::parallel_for(0, first_item[num_seqs], 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * max_kv);
@@ -1529,7 +1412,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("argmax_rows", &argmax_rows, "each row's argmax (first on ties)", py::call_guard<py::gil_scoped_release>());
   m.attr("MAX_GROUP") = kMaxGroup;
-  m.def("amx_attention", &amx_attention_available, "whether bf16-cache attention runs on AMX tiles");
+  m.def("amx_attention", &amx_attention_available, "whether bf16-cache prefill attention runs on AMX tiles");
+  m.attr("AMX_ATTENTION_MIN_ROWS") = kAmxAttentionMinRows;
   m.def("amx_pack", &amx_pack, "q's AMX tile layout (empty where AMX is unavailable)");
   m.def("paged_attention", &paged_attention, "attention of every sequence of a step over the flat KV slots",
         py::call_guard<py::gil_scoped_release>());

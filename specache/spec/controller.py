@@ -94,9 +94,10 @@ class SpecController:
         self._step_ms: dict[int, float] = {}  # tokens in one target pass -> ms
         # Attention's share, which the pass table (measured on a short context) leaves out: ms per
         # context token for a sequence's first query row, and for each further row. Every
-        # verification row attends to its sequence's whole context; on the row-at-a-time kernel each
-        # row costs the first one's (16 sequences x 350 tokens at K=4: ~5x plain decoding's
-        # attention), on AMX tiles the rows of a sequence share each key's pass (~1/8 of it).
+        # verification row attends to its sequence's whole context: on the row-at-a-time kernel
+        # each further row costs about what the first does (16 sequences x 350 tokens at K=4: ~5x
+        # plain decoding's attention); a kernel whose rows share each key's pass costs less, and
+        # the decoder measures which at start.
         self.attention_ms_per_key = 0.0
         self.attention_ms_per_key_extra_row: float | None = None  # None: as the first row
         self.context_tokens = 0  # context length of the sequence being decided (set_context)
