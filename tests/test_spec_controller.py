@@ -290,3 +290,23 @@ def test_attention_shared_by_a_sequences_rows_makes_wide_verification_cheap():
     row_kernel.calibrate(MEMORY_BOUND, attention_ms_per_key=0.0008)
     row_kernel.set_context(2000)
     assert c.best_k(0.7, 16) > row_kernel.best_k(0.7, 16)
+
+
+def test_drafted_steps_that_run_dearer_than_predicted_draft_less():
+    """Measured step times correct the cost model: drafted steps taking 1.3x their prediction while
+    plain steps take theirs make a borderline K unprofitable."""
+    c = SpecController(max_k=4)
+    c.calibrate(MEMORY_BOUND)
+    alpha = 0.2
+    k = c.best_k(alpha, 1, free_draft=True)
+    assert k > 0 and c.realized_draft_cost_factor() == 1.0
+    for _ in range(7):  # too few samples: no correction yet
+        c.record_step_time(1.3 * c.predict_step_ms([k], [100]), c.predict_step_ms([k], [100]), drafted=True)
+        c.record_step_time(c.predict_step_ms([0], [100]), c.predict_step_ms([0], [100]), drafted=False)
+    assert c.realized_draft_cost_factor() == 1.0
+    for _ in range(20):
+        c.record_step_time(1.3 * c.predict_step_ms([k], [100]), c.predict_step_ms([k], [100]), drafted=True)
+        c.record_step_time(c.predict_step_ms([0], [100]), c.predict_step_ms([0], [100]), drafted=False)
+    assert c.realized_draft_cost_factor() == pytest.approx(1.3)
+    assert c.best_k(alpha, 1, free_draft=True) == 0
+    assert c.best_k(0.95, 1, free_draft=True) > 0  # good drafts still pay

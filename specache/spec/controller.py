@@ -92,6 +92,13 @@ class SpecController:
         self.max_probe_overhead = max_probe_overhead
         self.max_probe_backoff = max_probe_backoff
         self._step_ms: dict[int, float] = {}  # tokens in one target pass -> ms
+        # (batch, free draft, context // 32) -> predicted step ms for K = 0 .. max_k: every running
+        # sequence asks for its K every step, and 17 interpolated step costs each time showed up
+        # as ~3% of a fast target's decode time
+        self._cost_cache: dict[tuple[int, bool, int], list[float]] = {}
+        # drafted step? -> [decayed measured ms, decayed predicted ms, steps]: what decode steps
+        # really took against what the model predicted (see record_step_time)
+        self._realized: dict[bool, list[float]] = {True: [0.0, 0.0, 0], False: [0.0, 0.0, 0]}
         # Attention's share, which the pass table (measured on a short context) leaves out: ms per
         # context token for a sequence's first query row, and for each further row. Every
         # verification row attends to its sequence's whole context: on the row-at-a-time kernel
@@ -137,6 +144,7 @@ class SpecController:
         sequence's first query row, attention_ms_per_key_extra_row of each further row (default:
         the same), added for every sequence of a step (see `set_context`).
         """
+        self._cost_cache.clear()
         if attention_ms_per_key is not None:
             self.attention_ms_per_key = max(0.0, attention_ms_per_key)
         if attention_ms_per_key_extra_row is not None:
@@ -163,6 +171,7 @@ class SpecController:
             # to draft at would never be measured again.
             old = self.draft_pass_ms(batch_size) or None  # the stored value, else the carried estimate
             self._draft_pass_ms[batch_size] = per if old is None else 0.8 * old + 0.2 * per
+            self._cost_cache.clear()
 
     def draft_pass_ms(self, batch_size: int) -> float:
         """Measured ms of one drafting pass for a batch; for a batch size not measured yet, the
@@ -187,6 +196,37 @@ class SpecController:
         i = min(bisect.bisect_left(xs, tokens), len(xs) - 1)
         slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
         return ys[i - 1] + slope * (tokens - xs[i - 1])
+
+    def predict_step_ms(self, ks: list[int], contexts: list[int]) -> float | None:
+        """The model's time for one decode step whose sequences draft ks with these contexts
+        (drafting itself left out); None without a measured pass table."""
+        if not self._step_ms:
+            return None
+        extra = self.attention_ms_per_key if self.attention_ms_per_key_extra_row is None \
+            else self.attention_ms_per_key_extra_row
+        attention = sum(c * (self.attention_ms_per_key + extra * k) for k, c in zip(ks, contexts, strict=True))
+        return self._pass_ms(sum(k + 1 for k in ks)) + attention
+
+    def record_step_time(self, measured_ms: float, predicted_ms: float, drafted: bool) -> None:
+        """A decode step's measured time (target pass and verification) next to `predict_step_ms`.
+        The pass table times the model alone; verification's bookkeeping, the wider logits and the
+        rows' attention on a real batch come on top, and more so for drafted steps."""
+        if predicted_ms is None or predicted_ms <= 0 or measured_ms <= 0:
+            return
+        st = self._realized[drafted]
+        st[0] = 0.95 * st[0] + measured_ms
+        st[1] = 0.95 * st[1] + predicted_ms
+        st[2] += 1
+
+    def realized_draft_cost_factor(self) -> float:
+        """How much dearer drafted steps really are than predicted, relative to plain steps
+        (measured / predicted of each, in [0.5, 2]); 1 until both kinds of step have 8 samples.
+        Multiplies a drafted step's predicted cost in best_k: on a fast target where speculation
+        barely pays (open-ended text), the model's optimism was the margin between 0.95x and 1x."""
+        drafted, plain = self._realized[True], self._realized[False]
+        if drafted[2] < 8 or plain[2] < 8:
+            return 1.0
+        return min(2.0, max(0.5, (drafted[0] / drafted[1]) / (plain[0] / plain[1])))
 
     def set_context(self, tokens: int) -> None:
         """The context length of the sequence whose K is decided next: its K + 1 rows each attend
@@ -221,13 +261,24 @@ class SpecController:
 
     def best_k(self, alpha: float, batch_size: int, free_draft: bool = False) -> int:
         """K in [0, max_k] maximising expected tokens per ms; 0 unless it beats plain by `margin`."""
-        batch = max(batch_size, 1)
-        best, best_rate = 0, self.margin / self.step_ms(0, batch)
+        costs = self._step_costs(max(batch_size, 1), free_draft)
+        dearer = self.realized_draft_cost_factor()
+        best, best_rate = 0, self.margin / costs[0]
         for k in range(1, self.max_k + 1):
-            rate = expected_tokens(alpha, k) / self.step_ms(k, batch, free_draft)
+            rate = expected_tokens(alpha, k) / (costs[k] * dearer)
             if rate > best_rate:
                 best, best_rate = k, rate
         return best
+
+    def _step_costs(self, batch: int, free_draft: bool) -> list[float]:
+        """step_ms for K = 0 .. max_k at this batch size and (to 32 tokens) context."""
+        key = (batch, free_draft, self.context_tokens // 32)
+        costs = self._cost_cache.get(key)
+        if costs is None:
+            if len(self._cost_cache) > 4096:
+                self._cost_cache.clear()
+            costs = self._cost_cache[key] = [self.step_ms(k, batch, free_draft) for k in range(self.max_k + 1)]
+        return costs
 
     # ------------------------------------------------------------------ acceptance
 
@@ -375,6 +426,7 @@ class SpecController:
             "probes": self.probes,
             "shadow_drafts": self.shadow_drafts,
             "draft_cost_ratio": ratio,
+            "realized_draft_cost_factor": self.realized_draft_cost_factor(),
             "expected_speedup": expected_speedup(alpha, round(mean_k), ratio) if drafts else None,
         }
 

@@ -84,7 +84,7 @@ def _model_proposer(engine, path: str) -> Proposer:
 # Dense where the cost curve has steps, which linear interpolation would hide: the int8 kernel of
 # hybrid weights costs about the same for 1-4 rows and jumps by half at 5 (measured), and on AMX
 # every 16 rows start another tile pass (17 rows cost well above 16).
-STEP_COST_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 17, 24, 32, 33, 48, 64)
+STEP_COST_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 17, 24, 32, 33, 48, 64, 65, 128, 256)
 
 
 @contextmanager
@@ -113,11 +113,14 @@ def _best_seconds(engine, item: BatchItem, repeats: int) -> float:
 
 
 def measure_step_costs(engine, sizes: tuple[int, ...] = STEP_COST_SIZES, repeats: int = 2) -> dict[int, float]:
-    """Seconds for one target pass over n tokens, measured once at start (the controller's cost model)."""
+    """Seconds for one target pass over n tokens with logits for all n (as a verification step has,
+    and a decode step of n sequences), measured once at start (the controller's cost model). With
+    logits for one row only, a 16-sequence K=16 step's 272 rows of LM head (a dense-weight matmul
+    past the int8 kernel's row range) were missing from the table, and such steps ran at 0.86x."""
     with _calibration_sequence(engine, max(sizes)) as seq:
         if seq is None:
             return {}
-        return {n: _best_seconds(engine, BatchItem(seq, [0] * n, 0, 1), repeats) for n in sizes}
+        return {n: _best_seconds(engine, BatchItem(seq, [0] * n, 0, n), repeats) for n in sizes}
 
 
 def measure_attention_cost(engine, context: int = 1024, repeats: int = 5) -> tuple[float, float]:
@@ -160,6 +163,7 @@ class SpecDecoder:
         # drafted by a paid fallback this step: shadow its lookup, whose draft kind is kept here
         self._shadow_wanted: dict[int, Hashable] = {}
         self._kinds: dict[int, Hashable] = {}  # seq_id -> the kind of this step's draft (draft_kind)
+        self._step_started: float | None = None  # perf_counter at the end of a decode step's drafting
 
     def _key(self, seq_id: int, free: bool) -> tuple[int, bool]:
         """The controller's record for a sequence's drafts from one source (free or paid)."""
@@ -187,6 +191,14 @@ class SpecDecoder:
         return self.controller.choose_k(self._key(seq_id, free), batch, free_draft=free, kind=kind)
 
     def propose(self, sched: SchedulerOutput) -> dict[int, list[int]]:
+        drafts = self._propose(sched)
+        # A decode step (no prompt chunk in it) is timed from here to the end of its verification,
+        # next to what the cost model predicted (drafting, timed apart, left out)
+        decode_only = all(s.num_new_tokens == 1 for s in sched.scheduled)
+        self._step_started = time.perf_counter() if decode_only and self.engine.config.spec_adaptive else None
+        return drafts
+
+    def _propose(self, sched: SchedulerOutput) -> dict[int, list[int]]:
         self._shadow_drafts(sched)
         reqs = [DraftRequest(s.seq.seq_id, s.seq.tokens, s.num_spec_slots, s.seq.params)
                 for s in sched.scheduled if s.num_spec_slots > 0]
@@ -256,6 +268,17 @@ class SpecDecoder:
 
     def verify(self, items: list[BatchItem], logits: list[torch.Tensor | None],
                drafts: list[list[int] | None]) -> list[list[int] | None]:
+        out = self._verify(items, logits, drafts)
+        if self._step_started is not None:
+            measured = (time.perf_counter() - self._step_started) * 1000.0
+            ks = [len(d or []) for d in drafts]
+            predicted = self.controller.predict_step_ms(ks, [it.seq.num_tokens for it in items])
+            self.controller.record_step_time(measured, predicted, any(ks))
+            self._step_started = None
+        return out
+
+    def _verify(self, items: list[BatchItem], logits: list[torch.Tensor | None],
+                drafts: list[list[int] | None]) -> list[list[int] | None]:
         rows = [(i, it, lg, drafts[i] or []) for i, (it, lg) in enumerate(zip(items, logits, strict=True))
                 if lg is not None]
         out: list[list[int] | None] = [None] * len(items)
