@@ -31,7 +31,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-prompts", default=None, help="file of prompts to prefill at start")
     p.add_argument("--speculative", default=None,
                    help="ngram | draft:PATH | layer-skip:L | quantized | lookahead | auto")
-    p.add_argument("--num-spec-tokens", type=int, default=4)
+    p.add_argument("--num-spec-tokens", type=int, default=16)
     p.add_argument("--spec-adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="let the controller pick K per step (and 0 when speculation does not pay)")
 

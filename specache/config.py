@@ -76,7 +76,7 @@ class EngineConfig:
     # CPU tier (L2) of the prefix cache: host memory for blocks evicted from the KV pool (0: off).
     prefix_cpu_cache_memory: str | int = 0
     speculative: str | None = None
-    num_spec_tokens: int = 4
+    num_spec_tokens: int = 16  # the most draft tokens per step (model drafts: 8, see spec/decoder.py)
     spec_adaptive: bool = True  # False: always draft num_spec_tokens (tests, raw method benchmarks)
     seed: int | None = None
 

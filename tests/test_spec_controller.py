@@ -310,3 +310,10 @@ def test_drafted_steps_that_run_dearer_than_predicted_draft_less():
     assert c.realized_draft_cost_factor() == pytest.approx(1.3)
     assert c.best_k(alpha, 1, free_draft=True) == 0
     assert c.best_k(0.95, 1, free_draft=True) > 0  # good drafts still pay
+
+
+def test_paid_drafts_stop_at_max_paid_k_while_lookup_drafts_go_to_max_k():
+    c = SpecController(max_k=16, max_paid_k=8)
+    c.calibrate(MEMORY_BOUND, draft_ms=lambda k, b: 0.0001 * k)  # near-free model drafts, perfect acceptance
+    assert c.best_k(0.999, 1, free_draft=False) == 8
+    assert c.best_k(0.999, 1, free_draft=True) == 16

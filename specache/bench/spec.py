@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperatures", default="0,0.7")
     p.add_argument("--batches", default="1,4,16", help="batch sizes for the batch study (ngram vs plain)")
     p.add_argument("--new-tokens", type=int, default=96)
-    p.add_argument("--num-spec-tokens", type=int, default=4)
+    p.add_argument("--num-spec-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--docs", default="docs", help="where the speedup plot goes")

@@ -21,6 +21,8 @@ from specache.spec.controller import SpecController
 from specache.spec.verify import verify, verify_greedy_targets
 
 METHODS = "ngram | draft:PATH | layer-skip:L | quantized | lookahead | auto"
+# The most tokens a model drafter drafts per step (lookup drafts go up to num_spec_tokens).
+PAID_DRAFT_MAX_K = 8
 
 
 def build_proposer(engine, method: str) -> Proposer:
@@ -150,7 +152,7 @@ class SpecDecoder:
         self.method = method
         self.max_k = num_spec_tokens
         self.proposer = build_proposer(engine, method)
-        self.controller = SpecController(max_k=num_spec_tokens)
+        self.controller = SpecController(max_k=num_spec_tokens, max_paid_k=PAID_DRAFT_MAX_K)
         first_row, extra_row = measure_attention_cost(engine)
         self.controller.calibrate(measure_step_costs(engine), attention_ms_per_key=first_row,
                                   attention_ms_per_key_extra_row=extra_row)
