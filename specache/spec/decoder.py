@@ -301,25 +301,9 @@ class SpecDecoder:
             return out
         # Greedy rows without penalties verify against the logits' argmax directly; the rest against
         # the processed distributions (what plain decoding samples from).
-        plain_greedy = [r for r in rows if r[1].seq.params.greedy and not r[1].seq.params.has_penalties]
-        others = [r for r in rows if not (r[1].seq.params.greedy and not r[1].seq.params.has_penalties)]
-        verified = []  # (row, result, the target's argmax after each draft prefix)
-        if plain_greedy:
-            flat = argmax_rows(torch.cat([lg for _, _, lg, _ in plain_greedy]).float()).tolist()
-            start = 0
-            for r in plain_greedy:
-                targets = flat[start: start + len(r[3]) + 1]
-                start += len(r[3]) + 1
-                self._draft_probs.pop(r[1].seq.seq_id, None)
-                verified.append((r, verify_greedy_targets(r[3], targets), targets))
-        if others:
-            target_probs = self._target_probs(others)
-            seqs = [it.seq for _, it, _, _ in others]
-            draft_probs = [self._draft_probs.pop(s.seq_id, None) for s in seqs]
-            results = verify([d for *_, d in others], draft_probs, target_probs, [s.params for s in seqs],
-                             [s.generator for s in seqs])
-            verified += [(r, res, p.argmax(dim=-1).tolist())
-                         for r, res, p in zip(others, results, target_probs, strict=True)]
+        by_argmax = [r for r in rows if r[1].seq.params.greedy and not r[1].seq.params.has_penalties]
+        by_probs = [r for r in rows if not (r[1].seq.params.greedy and not r[1].seq.params.has_penalties)]
+        verified = self._verify_by_argmax(by_argmax) + self._verify_by_probs(by_probs)
         for (i, it, _, draft), res, predictions in verified:
             out[i] = list(res.tokens)
             if observe is not None:  # Jacobi-style proposers learn from the target's predictions
@@ -332,6 +316,31 @@ class SpecDecoder:
                                    res.num_accepted, self._kinds.get(seq.seq_id))
             self.proposer.on_verified(seq.seq_id, res.num_accepted)
         return out
+
+    def _verify_by_argmax(self, rows) -> list[tuple]:
+        """(row, result, the target's argmax after each draft prefix) for greedy rows."""
+        if not rows:
+            return []
+        flat = argmax_rows(torch.cat([lg for _, _, lg, _ in rows]).float()).tolist()
+        out, start = [], 0
+        for r in rows:
+            targets = flat[start: start + len(r[3]) + 1]
+            start += len(r[3]) + 1
+            self._draft_probs.pop(r[1].seq.seq_id, None)
+            out.append((r, verify_greedy_targets(r[3], targets), targets))
+        return out
+
+    def _verify_by_probs(self, rows) -> list[tuple]:
+        """(row, result, the target's argmax after each draft prefix) through `verify` on the
+        processed distributions (sampled rows, rows with penalties)."""
+        if not rows:
+            return []
+        target_probs = self._target_probs(rows)
+        seqs = [it.seq for _, it, _, _ in rows]
+        draft_probs = [self._draft_probs.pop(s.seq_id, None) for s in seqs]
+        results = verify([d for *_, d in rows], draft_probs, target_probs, [s.params for s in seqs],
+                         [s.generator for s in seqs])
+        return [(r, res, p.argmax(dim=-1).tolist()) for r, res, p in zip(rows, results, target_probs, strict=True)]
 
     def _target_probs(self, rows) -> list[torch.Tensor]:
         """p for each draft position, with penalty histories that include the earlier drafts."""
