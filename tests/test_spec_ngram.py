@@ -126,3 +126,29 @@ def test_periodic_extension_extends_the_plain_draft_periodically(tokens, k):
         assert len(extended) == k
         period = len(plain)
         assert all(extended[i] == extended[i - period] for i in range(period, k))
+
+
+def test_draft_kind_is_the_match_length_and_nothing_without_a_match():
+    from specache.spec.base import NOTHING_TO_DRAFT
+
+    proposer = NgramProposer(max_ngram=8)
+    text = [1, 2, 3, 4, 5, 6, 9, 9, 2, 3, 4]  # suffix "2 3 4" matched at positions 1-3
+    assert proposer.draft_kind(0, text) == 3
+    assert propose(text, 2, proposer) == [5, 6]  # the same lookup drafts
+    assert proposer.draft_kind(1, [1, 2, 3]) == NOTHING_TO_DRAFT
+    assert proposer.draft_kind(2, [7, 8, 7]) == 1
+
+
+def test_the_controller_keeps_an_acceptance_rate_per_kind():
+    """Long matches accepted, one-token matches not: a sequence then drafts after the one and not
+    after the other, and a new sequence starts from each kind's global rate."""
+    from specache.spec.controller import SpecController
+
+    c = SpecController(max_k=16)
+    c.calibrate({1: 0.020, 2: 0.030, 17: 0.060})  # a second row costs half a step, 17 rows 3 steps
+    for seq in range(6):
+        c.record(seq, 16, 16, kind=8)
+        c.record(seq, 4, 0, kind=1)
+    assert c.alpha(99, kind=8) > 0.9 and c.alpha(99, kind=1) < 0.3
+    assert c.choose_k(99, 1, free_draft=True, kind=8) >= 8
+    assert c.choose_k(99, 1, free_draft=True, kind=1) == 0

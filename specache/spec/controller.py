@@ -206,10 +206,14 @@ class SpecController:
         (drafting itself left out); None without a measured pass table."""
         if not self._step_ms:
             return None
+        attention = sum(self._attention_ms(k, c) for k, c in zip(ks, contexts, strict=True))
+        return self._pass_ms(sum(k + 1 for k in ks)) + attention
+
+    def _attention_ms(self, k: int, context: int) -> float:
+        """Attention of one sequence's k + 1 rows over `context` tokens."""
         extra = self.attention_ms_per_key if self.attention_ms_per_key_extra_row is None \
             else self.attention_ms_per_key_extra_row
-        attention = sum(c * (self.attention_ms_per_key + extra * k) for k, c in zip(ks, contexts, strict=True))
-        return self._pass_ms(sum(k + 1 for k in ks)) + attention
+        return (self.attention_ms_per_key + extra * k) * context
 
     def record_step_time(self, measured_ms: float, predicted_ms: float, drafted: bool) -> None:
         """A decode step's measured time (target pass and verification) next to `predict_step_ms`.
@@ -241,10 +245,7 @@ class SpecController:
         """Predicted time of one decode step for a batch of `batch` sequences drafting k each
         (free_draft: the drafts cost nothing next to a target pass, e.g. a prompt-lookup hit),
         attention over the context included."""
-        extra = self.attention_ms_per_key if self.attention_ms_per_key_extra_row is None \
-            else self.attention_ms_per_key_extra_row
-        attention = (self.attention_ms_per_key + extra * k) * batch * self.context_tokens
-        return self._step_without_attention(k, batch, free_draft) + attention
+        return self._step_without_attention(k, batch, free_draft) + batch * self._attention_ms(k, self.context_tokens)
 
     def _step_without_attention(self, k: int, batch: int, free_draft: bool = False) -> float:
         if k == 0:
