@@ -78,6 +78,11 @@ class SamplingParams:
             self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
         )
 
+    @property
+    def raw_argmax(self) -> bool:
+        """Greedy without penalties: the token is the raw logits' argmax (no distribution needed)."""
+        return self.greedy and not self.has_penalties
+
 
 def apply_penalties(
     logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
@@ -198,6 +203,6 @@ def sample_logits(logits: torch.Tensor, params: list[SamplingParams], prompt_ids
                   output_ids: list[list[int]], generators: list[torch.Generator]) -> list[int]:
     """One token per row of raw logits. An all-greedy batch without penalties (the common decode
     case) takes the argmax directly: softmax + one-hot over a 49k vocabulary cost ~1 ms a step."""
-    if all(p.greedy and not p.has_penalties for p in params):
+    if all(p.raw_argmax for p in params):
         return argmax_rows(logits).tolist()
     return sample(logits_to_probs(logits, params, prompt_ids, output_ids), params, generators)

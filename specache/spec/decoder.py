@@ -301,8 +301,8 @@ class SpecDecoder:
             return out
         # Greedy rows without penalties verify against the logits' argmax directly; the rest against
         # the processed distributions (what plain decoding samples from).
-        by_argmax = [r for r in rows if r[1].seq.params.greedy and not r[1].seq.params.has_penalties]
-        by_probs = [r for r in rows if not (r[1].seq.params.greedy and not r[1].seq.params.has_penalties)]
+        by_argmax = [r for r in rows if r[1].seq.params.raw_argmax]
+        by_probs = [r for r in rows if not r[1].seq.params.raw_argmax]
         verified = self._verify_by_argmax(by_argmax) + self._verify_by_probs(by_probs)
         for (i, it, _, draft), res, predictions in verified:
             out[i] = list(res.tokens)
