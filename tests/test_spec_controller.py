@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from specache.spec.controller import SpecController, expected_speedup, expected_tokens
+from specache.spec.controller import DraftSlot, SpecController, _without_spikes, expected_speedup, expected_tokens
 
 # A memory-bound target: a pass over up to 64 tokens costs about the same as over 1 (CPU decode).
 MEMORY_BOUND = {1: 0.020, 8: 0.021, 32: 0.024, 64: 0.030}
@@ -317,3 +317,98 @@ def test_paid_drafts_stop_at_max_paid_k_while_lookup_drafts_go_to_max_k():
     c.calibrate(MEMORY_BOUND, draft_ms=lambda k, b: 0.0001 * k)  # near-free model drafts, perfect acceptance
     assert c.best_k(0.999, 1, free_draft=False) == 8
     assert c.best_k(0.999, 1, free_draft=True) == 16
+
+
+# An AMX-like int8 target: rows go 16 at a time through the tile unit (the 17th row starts another pass).
+TILED = {1: 0.0050, 16: 0.0080, 17: 0.0114, 32: 0.0130, 33: 0.0200, 48: 0.0203, 64: 0.0258, 256: 0.1057}
+
+
+def _step_rate(c: SpecController, ks, alphas, contexts, base_rows: int, base_ms: float, batch: int) -> float:
+    """Expected tokens per ms of a step where sequence i drafts ks[i] (the planner's objective)."""
+    extra = c.attention_ms_per_key_extra_row
+    ms = float(c._pass_at(base_rows + sum(ks))) + base_ms
+    ms += sum(extra * ctx * k for ctx, k in zip(contexts, ks, strict=True))
+    return (batch + sum(expected_tokens(a, k) - 1 for a, k in zip(alphas, ks, strict=True))) / ms
+
+
+def test_step_plan_is_the_best_plan_of_the_whole_step():
+    """The planner's Ks against every possible combination (three sequences, K <= 5, random
+    acceptance, contexts and batch sizes): never a worse expected rate."""
+    rng = random.Random(0)
+    c = SpecController(max_k=5, margin=1.0)
+    c.calibrate(TILED, attention_ms_per_key=0.001, attention_ms_per_key_extra_row=0.0008)
+    for _ in range(150):
+        alphas = [rng.uniform(0.1, 0.99) for _ in range(3)]
+        contexts = [rng.randrange(10, 900) for _ in range(3)]
+        batch = rng.randrange(3, 20)
+        slots = [DraftSlot(i, None, True, ctx) for i, ctx in enumerate(contexts)]
+        planned = c._plan_greedy(alphas, slots, batch, 3.0, batch)
+        best = max(_step_rate(c, ks, alphas, contexts, batch, 3.0, batch)
+                   for ks in itertools.product(range(6), repeat=3))
+        assert _step_rate(c, planned, alphas, contexts, batch, 3.0, batch) >= best * (1 - 1e-9)
+
+
+def test_a_copying_sequence_drafts_in_a_batch_that_would_not_draft_alike():
+    """16 sequences, one copying (alpha 0.97), fifteen not (0.2): priced as if all drafted alike
+    (choose_k), the copier would draft one token at most; the step plan gives it a long draft and
+    nobody else one."""
+    c = SpecController(max_k=16)
+    c.calibrate(TILED, attention_ms_per_key=0.001, attention_ms_per_key_extra_row=0.0008)
+    c.set_context(300)
+    assert c.best_k(0.97, 16, free_draft=True) <= 1
+    slots = [DraftSlot(i, None, True, 300) for i in range(16)]
+    ks = c._plan_greedy([0.97] + [0.2] * 15, slots, 16, 16 * 0.3, 16)
+    assert ks[0] >= 8 and ks[1:] == [0] * 15
+    # and K stays below what crossing the next 16-row tile boundary would cost
+    assert 16 + sum(ks) <= 32
+
+
+def test_drafts_beside_a_prompt_chunk_must_pay_at_plain_decodings_rate():
+    """With prompt rows in the pass the step's own rate is the prompt's; there the plan takes the
+    Ks whose extra tokens beat margin x plain decoding's tokens per ms of the time their rows add
+    (checked against every combination), so cheap rows draft and dear ones do not."""
+    rng = random.Random(1)
+    c = SpecController(max_k=5)
+    c.calibrate({1: 0.005, 16: 0.006, 64: 0.012, 1024: 0.200, 2048: 0.400}, attention_ms_per_key=0.001,
+                attention_ms_per_key_extra_row=0.0008)
+    for _ in range(100):
+        alphas = [rng.uniform(0.1, 0.99) for _ in range(2)]
+        contexts = [rng.randrange(10, 2000) for _ in range(2)]
+        batch, prefill = rng.randrange(2, 16), rng.randrange(100, 2000)
+        slots = [DraftSlot(i, None, True, ctx) for i, ctx in enumerate(contexts)]
+        rate = c.margin * batch / (float(c._pass_at(batch)) + 1.0)
+
+        def net(ks, alphas=alphas, contexts=contexts, rows=batch + prefill, rate=rate):
+            ms = float(c._pass_at(rows + sum(ks)) - c._pass_at(rows))
+            ms += sum(0.0008 * ctx * k for ctx, k in zip(contexts, ks, strict=True))
+            return sum(expected_tokens(a, k) - 1 for a, k in zip(alphas, ks, strict=True)) - rate * ms
+
+        planned = c._plan_greedy(alphas, slots, batch, 1.0, batch, prefill)
+        assert net(planned) >= max(net(ks) for ks in itertools.product(range(6), repeat=2)) - 1e-9
+    # one sequence beside a 1500-token chunk: its rows cost ~0.2 ms each against 5 ms a plain token
+    assert c.plan([DraftSlot(1, None, True, 100)], prefill_rows=1500) != [0]
+
+
+def test_plan_probes_sequences_that_are_off_for_their_acceptance():
+    c = SpecController(max_k=4, warmup_trials=1)
+    c.calibrate(MEMORY_BOUND)
+    slot = DraftSlot(1, None, True, 50)
+    for _ in range(6):
+        c.record(1, 4, 0)  # nothing accepted: off
+    ks = [c.plan([slot])[0] for _ in range(c.probe_every * 2 - 1)]
+    assert c.is_off_for_acceptance(1)
+    assert ks.count(c.probe_k) == 1 and ks.count(0) == len(ks) - 1
+
+
+def test_pass_table_spikes_are_capped_by_wider_passes():
+    assert _without_spikes({1: 5.0, 32: 13.0, 33: 25.9, 48: 20.3}) == {1: 5.0, 32: 13.0, 33: 20.3, 48: 20.3}
+
+
+def test_realized_cost_factor_never_discounts_drafts():
+    """A many-sequence plain step under-predicted more than a drafted one must not make drafts cheap."""
+    c = SpecController(max_k=4)
+    c.calibrate(MEMORY_BOUND)
+    for _ in range(10):
+        c.record_step_time(10.0, 10.0, drafted=True)
+        c.record_step_time(15.0, 10.0, drafted=False)
+    assert c.realized_draft_cost_factor() == 1.0

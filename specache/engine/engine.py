@@ -172,6 +172,8 @@ class Engine:
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """One engine step; an output for every request it advanced (finished_only: for those that
         finished, so a caller that waits for whole results skips re-detokenizing every step)."""
+        if self.spec:
+            self.spec.plan(self.scheduler.running, self.scheduler.waiting)
         sched = self.scheduler.schedule(self.spec.slots_for if self.spec else None)
         if not sched.scheduled:
             return []

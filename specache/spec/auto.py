@@ -23,6 +23,7 @@ from specache.spec.ngram import NgramProposer
 
 class AutoProposer(Proposer):
     name = "auto"
+    can_fall_back = True
 
     def __init__(self, model_drafter: Proposer, min_match: int = 3, max_ngram: int = 8) -> None:
         self.lookup = NgramProposer(max_ngram=max_ngram, min_ngram=min_match, name="auto-lookup")

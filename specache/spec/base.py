@@ -40,6 +40,8 @@ class Proposer(ABC):
     # Drafting costs nothing next to a decode step (a lookup, no model): the decoder may then draft
     # in the shadow for sequences that are switched off, to learn when drafting would pay again.
     free_to_draft: bool = False
+    # Has a paid source to draft with when its free drafts are not paying (see fall_back).
+    can_fall_back: bool = False
 
     @abstractmethod
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:

@@ -38,10 +38,24 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 _HIGH_ALPHA = 0.9  # "would speculation pay if drafts were good?": decides whether to probe
+PASS_LUT_ROWS = 1024  # passes up to this many tokens are looked up in a table when planning a step
+
+
+def _without_spikes(step_ms: dict[int, float]) -> dict[int, float]:
+    """The pass table with each entry capped by the entries of more tokens: a pass never costs
+    more than a wider one, and timing noise only adds (a 33-token pass once read 25.9 ms next to
+    20.3 ms for 48 tokens, which made 33 rows look dearer than 48 to the step planner)."""
+    out, cheapest = {}, math.inf
+    for n in sorted(step_ms, reverse=True):
+        cheapest = min(cheapest, step_ms[n])
+        out[n] = cheapest
+    return dict(sorted(out.items()))
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -72,6 +86,15 @@ class _SeqState:
     off: bool = False  # switched off for its acceptance (not for cost) at the last decision
 
 
+@dataclass
+class DraftSlot:
+    """One sequence whose draft a step's plan sizes (see SpecController.plan)."""
+    key: Hashable  # its acceptance record (the decoder keys by sequence and draft source)
+    kind: Hashable = None  # Proposer.draft_kind of its draft
+    free: bool = True  # the draft costs nothing next to a target pass (a lookup hit)
+    context: int = 0  # tokens its rows attend to
+
+
 class SpecController:
     def __init__(self, max_k: int = 4, min_alpha: float = 0.4, decay: float = 0.8, prior_alpha: float = 0.6,
                  prior_trials: float = 2.0, warmup_trials: int = 4, probe_every: int = 16, probe_k: int = 2,
@@ -96,6 +119,7 @@ class SpecController:
         self.max_probe_overhead = max_probe_overhead
         self.max_probe_backoff = max_probe_backoff
         self._step_ms: dict[int, float] = {}  # tokens in one target pass -> ms
+        self._pass_lut: np.ndarray | None = None  # _pass_ms for 0 .. PASS_LUT_ROWS tokens (plan's lookups)
         # (batch, free draft, context // 32) -> predicted step ms for K = 0 .. max_k: every running
         # sequence asks for its K every step, and 17 interpolated step costs each time showed up
         # as ~3% of a fast target's decode time
@@ -154,7 +178,8 @@ class SpecController:
         if attention_ms_per_key_extra_row is not None:
             self.attention_ms_per_key_extra_row = max(0.0, attention_ms_per_key_extra_row)
         if step_cost_s:
-            self._step_ms = {n: s * 1000.0 for n, s in sorted(step_cost_s.items())}
+            self._step_ms = _without_spikes({n: s * 1000.0 for n, s in sorted(step_cost_s.items())})
+            self._pass_lut = None
         self._verify_ms = verify_ms or self._verify_ms
         self._plain_ms = plain_ms or self._plain_ms
         self._draft_ms = draft_ms or self._draft_ms
@@ -228,13 +253,16 @@ class SpecController:
 
     def realized_draft_cost_factor(self) -> float:
         """How much dearer drafted steps really are than predicted, relative to plain steps
-        (measured / predicted of each, in [0.5, 2]); 1 until both kinds of step have 8 samples.
+        (measured / predicted of each, in [1, 2]); 1 until both kinds of step have 8 samples. Never
+        below 1: the table under-predicts a many-sequence plain step more than a drafted one (its
+        attention of 16 first rows was 12 ms measured against 8.4 predicted), and a factor below 1
+        had made drafts look cheaper than they were.
         Multiplies a drafted step's predicted cost in best_k: on a fast target where speculation
         barely pays (open-ended text), the model's optimism was the margin between 0.95x and 1x."""
         drafted, plain = self._realized[True], self._realized[False]
         if drafted[2] < 8 or plain[2] < 8:
             return 1.0
-        return min(2.0, max(0.5, (drafted[0] / drafted[1]) / (plain[0] / plain[1])))
+        return min(2.0, max(1.0, (drafted[0] / drafted[1]) / (plain[0] / plain[1])))
 
     def set_context(self, tokens: int) -> None:
         """The context length of the sequence whose K is decided next: its K + 1 rows each attend
@@ -311,6 +339,118 @@ class SpecController:
         self.chosen_k[k] = self.chosen_k.get(k, 0) + 1
         return k
 
+    def plan(self, slots: list[DraftSlot], undrafted_contexts: Sequence[int] = (), prefill_rows: int = 0) -> list[int]:
+        """K for every sequence of one decode step, chosen together (undrafted_contexts: the step's
+        other decode sequences, one row each). `choose_k` prices a batch as if every sequence
+        drafted alike; a real step mixes a copying sequence that drafts 16 with many that draft
+        none, and what one sequence's rows cost depends on the rows already in the step (AMX takes
+        rows 16 at a time: a 16-sequence step's 17th row costs ~2 ms, its 18th to 32nd little more;
+        each verification row also attends to its sequence's whole context). So the plan starts
+        from plain decoding and keeps raising the one sequence's K that most raises the step's
+        expected tokens per ms; a plan that does not beat plain decoding by `margin` drafts nothing.
+        Sequences off for their acceptance keep their probe schedule (as in choose_k). prefill_rows:
+        prompt tokens that go into the same pass (their rows are what makes draft rows dear there)."""
+        batch = len(slots) + len(undrafted_contexts)
+        if self.max_k <= 0 or not slots:
+            return [0] * len(slots)
+        states = [self.seqs.setdefault((s.key, s.kind), _SeqState()) for s in slots]
+        alphas = [self.alpha(s.key, s.kind) for s in slots]
+        ks = [-1] * len(slots)
+        for i, (slot, st, alpha) in enumerate(zip(slots, states, alphas, strict=True)):
+            if self._low_acceptance(st, alpha):
+                ks[i] = self._settle(st, 0, True, lambda: True, batch, slot.free)
+        probing = [k for k in ks if k > 0]
+        base_rows = batch + sum(probing)
+        base_ms = sum(self._attention_ms(0, c) for c in undrafted_contexts) + \
+            sum(self._attention_ms(max(k, 0), s.context) for s, k in zip(slots, ks, strict=True))
+        open_slots = [i for i, k in enumerate(ks) if k < 0]
+        planned = self._plan_greedy([alphas[i] for i in open_slots], [slots[i] for i in open_slots], base_rows,
+                                    base_ms, batch, prefill_rows)
+        good_pays: dict[bool, bool] = {}
+
+        def good_drafts_pay(slot: DraftSlot) -> bool:  # once per source per step (~0.1 ms each)
+            if slot.free not in good_pays:
+                good_pays[slot.free] = any(self._plan_greedy([_HIGH_ALPHA], [slot], base_rows, base_ms, batch))
+            return good_pays[slot.free]
+
+        for i, k in zip(open_slots, planned, strict=True):
+            ks[i] = self._settle(states[i], k, False, lambda i=i: good_drafts_pay(slots[i]), batch, slots[i].free)
+        for k in ks:
+            self.chosen_k[k] = self.chosen_k.get(k, 0) + 1
+        return ks
+
+    def _plan_greedy(self, alphas: list[float], slots: list[DraftSlot], base_rows: int, base_ms: float,
+                     batch: int, prefill_rows: int = 0) -> list[int]:
+        """Ks for `slots` (with these acceptances) on top of a decode step of base_rows rows whose
+        attention costs base_ms, maximising expected tokens per ms; all 0 unless that beats plain
+        decoding by `margin`. Tokens and the drafts' own costs add up per sequence, the pass cost
+        depends on the step's total rows: for a rate lambda, the best plan of S extra rows takes
+        the S largest increments alpha^k - lambda * (cost of row k) over all sequences (each
+        sequence's increments shrink with k, so the S largest are a K per sequence), and the best S
+        follows from the pass table; lambda is then that plan's rate, until it stops rising
+        (Dinkelbach). With prompt rows in the pass (prefill_rows) the step's rate says little (its
+        time is the prompt's): there drafts must pay at `margin` times plain decoding's rate, each
+        extra token against the time its rows add."""
+        n = len(slots)
+        if n == 0:
+            return []
+        karr = np.arange(self.max_k + 1)
+        alpha = np.clip(np.asarray(alphas, dtype=np.float64), 0.0, 1.0 - 1e-9)[:, None]
+        gain = (1.0 - alpha ** (karr + 1)) / (1.0 - alpha) - 1.0  # expected extra tokens for K = 0 .. max_k
+        extra_row = self.attention_ms_per_key if self.attention_ms_per_key_extra_row is None \
+            else self.attention_ms_per_key_extra_row
+        added = extra_row * np.asarray([[s.context] for s in slots], dtype=np.float64) * karr  # rows' attention
+        paid = np.asarray([not s.free for s in slots])
+        if paid.any():
+            added = added + np.where(paid[:, None], self.draft_pass_ms(batch) * karr, 0.0)
+            added[paid[:, None] & (karr > self.max_paid_k)] = np.inf
+        dearer = self.realized_draft_cost_factor()
+        plain_rate = rate = batch / (self._pass_at(base_rows) + base_ms)
+        if prefill_rows:
+            return self._plan_at_rate(gain, added, base_rows + prefill_rows, self.margin * plain_rate)
+        if n == 1:  # every K at once
+            ms = (self._pass_at(base_rows + karr) + base_ms + added[0]) * np.where(karr > 0, dearer, 1.0)
+            rates = (batch + gain[0]) / ms
+            k = int(np.argmax(rates))
+            return [k] if rates[k] >= self.margin * plain_rate else [0]
+        step_gain = np.diff(gain, axis=1).ravel()  # [n * max_k]: the k-th drafted token's alpha^k
+        step_cost = np.nan_to_num(np.diff(added, axis=1), nan=np.inf).ravel()
+        extra_rows = np.arange(step_gain.size + 1)
+        pass_ms = self._pass_at(base_rows + extra_rows) + base_ms
+        scale = np.where(extra_rows > 0, dearer, 1.0)
+        best = np.zeros(n, dtype=np.int64)
+        for _ in range(4):
+            order = np.argsort(rate * dearer * step_cost - step_gain, kind="stable")
+            tokens = batch + np.concatenate(([0.0], np.cumsum(step_gain[order])))
+            ms = (pass_ms + np.concatenate(([0.0], np.cumsum(step_cost[order])))) * scale
+            size = int(np.argmax(tokens - rate * ms))
+            new_rate = tokens[size] / ms[size]
+            if new_rate <= rate * (1.0 + 1e-9):
+                break
+            rate, best = new_rate, np.bincount(order[:size] // self.max_k, minlength=n)
+        return best.tolist() if rate >= self.margin * plain_rate else [0] * n
+
+    def _plan_at_rate(self, gain: np.ndarray, added: np.ndarray, base_rows: int, rate: float) -> list[int]:
+        """Ks maximising expected extra tokens - rate * the ms they add (a drafted step's
+        realized overrun included), for a pass of base_rows rows without them."""
+        n, dearer = gain.shape[0], self.realized_draft_cost_factor()
+        step_gain = np.diff(gain, axis=1).ravel()
+        step_cost = np.nan_to_num(np.diff(added, axis=1), nan=np.inf).ravel()
+        order = np.argsort(rate * dearer * step_cost - step_gain, kind="stable")
+        extra_rows = np.arange(step_gain.size + 1)
+        pass_ms = self._pass_at(base_rows + extra_rows) - self._pass_at(base_rows)
+        ms = (pass_ms + np.concatenate(([0.0], np.cumsum(step_cost[order])))) * dearer
+        size = int(np.argmax(np.concatenate(([0.0], np.cumsum(step_gain[order]))) - rate * ms))
+        return np.bincount(order[:size] // self.max_k, minlength=n).tolist()
+
+    def _pass_at(self, rows):
+        """_pass_ms over an array of token counts (a table up to PASS_LUT_ROWS, linear past it)."""
+        if self._pass_lut is None:
+            self._pass_lut = np.asarray([self._pass_ms(t) for t in range(PASS_LUT_ROWS + 1)])
+        rows = np.asarray(rows)
+        inside = self._pass_lut[np.minimum(rows, PASS_LUT_ROWS)]
+        return np.where(rows <= PASS_LUT_ROWS, inside, self._pass_lut[-1] * rows / PASS_LUT_ROWS)
+
     def wants_draft(self, seq_id: Hashable, batch_size: int, free_draft: bool = False, kind: Hashable = None) -> bool:
         """Whether the sequence's acceptance makes drafting pay now (no side effects, no probes)."""
         alpha = self.alpha(seq_id, kind)
@@ -335,10 +475,18 @@ class SpecController:
             return 0
         low = self._low_acceptance(st, alpha)
         k = 0 if low else self.best_k(alpha, batch_size, free_draft)
+        return self._settle(st, k, low, lambda: self.best_k(_HIGH_ALPHA, batch_size, free_draft) > 0,
+                            batch_size, free_draft)
+
+    def _settle(self, st: _SeqState, k: int, low: bool, good_drafts_pay: Callable[[], bool], batch_size: int,
+                free_draft: bool) -> int:
+        """The K handed out for a sequence whose cost-based choice was k: a probe instead of 0 now
+        and then when it is off for its acceptance (low, or good drafts would pay)."""
+        st.probing = st.off = False
         # Off because drafts are bad, while good drafts would pay: probe now and then, and at once
         # for a sequence with no record of its own when a probe is cheap (the global prior came
         # from other requests: one copy-heavy request after many open-ended ones must not wait).
-        if k == 0 and (low or self.best_k(_HIGH_ALPHA, batch_size, free_draft) > 0):
+        if k == 0 and (low or good_drafts_pay()):
             st.off = True
             st.off_steps += 1
             extra = self.probe_cost(batch_size, free_draft)

@@ -17,7 +17,7 @@ from specache.engine.sequence import Sequence
 from specache.errors import ConfigError
 from specache.sampling import SamplingParams, argmax_rows, logits_to_probs, sample_for_sequences
 from specache.spec.base import NOTHING_TO_DRAFT, DraftRequest, Proposer
-from specache.spec.controller import SpecController
+from specache.spec.controller import DraftSlot, SpecController
 from specache.spec.verify import verify, verify_greedy_targets
 
 METHODS = "ngram | draft:PATH | layer-skip:L | quantized | lookahead | auto"
@@ -166,6 +166,7 @@ class SpecDecoder:
         self._shadow_wanted: dict[int, Hashable] = {}
         self._kinds: dict[int, Hashable] = {}  # seq_id -> the kind of this step's draft (draft_kind)
         self._step_started: float | None = None  # perf_counter at the end of a decode step's drafting
+        self._planned: dict[int, int] = {}  # seq_id -> K of this step's plan
 
     def _key(self, seq_id: int, free: bool) -> tuple[int, bool]:
         """The controller's record for a sequence's drafts from one source (free or paid)."""
@@ -173,24 +174,44 @@ class SpecDecoder:
 
     # -------------------------------------------------------------- scheduling
 
+    def plan(self, running: list[Sequence], waiting: list[Sequence] = ()) -> None:
+        """Size the drafts of every sequence that decodes this step together (SpecController.plan);
+        the scheduler then asks `slots_for` for each one's share. Prompt tokens waiting to be
+        prefilled share the pass, up to the step's token budget."""
+        self._planned = {}
+        if self.max_k == 0 or not self.engine.config.spec_adaptive:
+            return
+        batch = len(running)
+        slots, seqs, undrafted = [], [], []
+        prompt_rows = sum(s.num_tokens - s.num_computed for s in waiting)
+        for seq in running:
+            if seq.num_tokens - seq.num_computed != 1:
+                prompt_rows += seq.num_tokens - seq.num_computed  # a prompt chunk this step: no draft
+                continue
+            seq_id = seq.seq_id
+            free = self.proposer.drafts_free_for(seq_id, seq.tokens)
+            kind = self._kinds[seq_id] = self.proposer.draft_kind(seq_id, seq.tokens)
+            if kind == NOTHING_TO_DRAFT:
+                undrafted.append(seq.num_tokens)
+                continue
+            if free and self.proposer.can_fall_back and not self._free_drafts_pay(seq, batch, kind) \
+                    and self.proposer.fall_back(seq_id, seq.tokens):
+                free = False  # its free drafts are not accepted: a paid source drafts it this step
+                self._shadow_wanted[seq_id] = kind
+                kind = self._kinds[seq_id] = self.proposer.draft_kind(seq_id, seq.tokens)
+            slots.append(DraftSlot(self._key(seq_id, free), kind, free, seq.num_tokens))
+            seqs.append(seq_id)
+        prefill = min(prompt_rows, max(0, self.engine.config.max_num_batched_tokens - len(slots) - len(undrafted)))
+        self._planned = dict(zip(seqs, self.controller.plan(slots, undrafted, prefill), strict=True))
+
+    def _free_drafts_pay(self, seq: Sequence, batch: int, kind: Hashable) -> bool:
+        self.controller.set_context(seq.num_tokens)
+        return self.controller.wants_draft(self._key(seq.seq_id, True), batch, free_draft=True, kind=kind)
+
     def slots_for(self, seq: Sequence) -> int:
-        if self.max_k == 0:
-            return 0
         if not self.engine.config.spec_adaptive:
             return self.max_k
-        batch = len(self.engine.scheduler.running)
-        seq_id = seq.seq_id
-        self.controller.set_context(seq.num_tokens)
-        free = self.proposer.drafts_free_for(seq_id, seq.tokens)
-        kind = self._kinds[seq_id] = self.proposer.draft_kind(seq_id, seq.tokens)
-        if kind == NOTHING_TO_DRAFT:
-            return 0
-        if free and not self.controller.wants_draft(self._key(seq_id, True), batch, free_draft=True, kind=kind) \
-                and self.proposer.fall_back(seq_id, seq.tokens):
-            free = False  # its free drafts are not accepted: a paid source drafts it this step
-            self._shadow_wanted[seq_id] = kind
-            kind = self._kinds[seq_id] = self.proposer.draft_kind(seq_id, seq.tokens)
-        return self.controller.choose_k(self._key(seq_id, free), batch, free_draft=free, kind=kind)
+        return self._planned.get(seq.seq_id, 0)
 
     def propose(self, sched: SchedulerOutput) -> dict[int, list[int]]:
         drafts = self._propose(sched)
@@ -321,11 +342,10 @@ class SpecDecoder:
         """(row, result, the target's argmax after each draft prefix) for greedy rows."""
         if not rows:
             return []
-        flat = argmax_rows(torch.cat([lg for _, _, lg, _ in rows]).float()).tolist()
-        out, start = [], 0
+        out = []
         for r in rows:
-            targets = flat[start: start + len(r[3]) + 1]
-            start += len(r[3]) + 1
+            # Each sequence's rows apart: concatenating them first copied up to 64 x 49k logits a step
+            targets = argmax_rows(r[2].float()).tolist()
             self._draft_probs.pop(r[1].seq.seq_id, None)
             out.append((r, verify_greedy_targets(r[3], targets), targets))
         return out
