@@ -412,3 +412,11 @@ def test_realized_cost_factor_never_discounts_drafts():
         c.record_step_time(10.0, 10.0, drafted=True)
         c.record_step_time(15.0, 10.0, drafted=False)
     assert c.realized_draft_cost_factor() == 1.0
+
+
+def test_plan_keeps_paid_drafts_within_their_cap():
+    c = SpecController(max_k=16, max_paid_k=4)
+    c.calibrate({1: 0.005, 16: 0.006, 64: 0.012, 1024: 0.200})
+    slots = [DraftSlot(1, None, False, 100), DraftSlot(2, None, True, 100), DraftSlot(3, None, False, 100)]
+    assert c._plan_greedy([0.99] * 3, slots, 3, 0.3, 3) == [4, 16, 4]
+    assert c._plan_greedy([0.99], slots[:1], 1, 0.3, 1) == [4]

@@ -44,6 +44,9 @@ from dataclasses import dataclass
 import numpy as np
 
 _HIGH_ALPHA = 0.9  # "would speculation pay if drafts were good?": decides whether to probe
+# The cost of a K past what a drafter may draft: large enough to lose to any real plan, finite so
+# the plan's sums stay numbers.
+_NEVER_MS = 1e9
 PASS_LUT_ROWS = 1024  # passes up to this many tokens are looked up in a table when planning a step
 
 
@@ -403,7 +406,8 @@ class SpecController:
         paid = np.asarray([not s.free for s in slots])
         if paid.any():
             added = added + np.where(paid[:, None], self.draft_pass_ms(batch) * karr, 0.0)
-            added[paid[:, None] & (karr > self.max_paid_k)] = np.inf
+            # each token past the cap costs _NEVER_MS more (so every step past it stays dear)
+            added = added + np.where(paid[:, None], _NEVER_MS * np.maximum(karr - self.max_paid_k, 0), 0.0)
         dearer = self.realized_draft_cost_factor()
         plain_rate = rate = batch / (self._pass_at(base_rows) + base_ms)
         if prefill_rows:
@@ -414,7 +418,7 @@ class SpecController:
             k = int(np.argmax(rates))
             return [k] if rates[k] >= self.margin * plain_rate else [0]
         step_gain = np.diff(gain, axis=1).ravel()  # [n * max_k]: the k-th drafted token's alpha^k
-        step_cost = np.nan_to_num(np.diff(added, axis=1), nan=np.inf).ravel()
+        step_cost = np.diff(added, axis=1).ravel()
         extra_rows = np.arange(step_gain.size + 1)
         pass_ms = self._pass_at(base_rows + extra_rows) + base_ms
         scale = np.where(extra_rows > 0, dearer, 1.0)
@@ -435,7 +439,7 @@ class SpecController:
         realized overrun included), for a pass of base_rows rows without them."""
         n, dearer = gain.shape[0], self.realized_draft_cost_factor()
         step_gain = np.diff(gain, axis=1).ravel()
-        step_cost = np.nan_to_num(np.diff(added, axis=1), nan=np.inf).ravel()
+        step_cost = np.diff(added, axis=1).ravel()
         order = np.argsort(rate * dearer * step_cost - step_gain, kind="stable")
         extra_rows = np.arange(step_gain.size + 1)
         pass_ms = self._pass_at(base_rows + extra_rows) - self._pass_at(base_rows)
