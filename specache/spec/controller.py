@@ -123,6 +123,8 @@ class SpecController:
         self.max_probe_backoff = max_probe_backoff
         self._step_ms: dict[int, float] = {}  # tokens in one target pass -> ms
         self._pass_lut: np.ndarray | None = None  # _pass_ms for 0 .. PASS_LUT_ROWS tokens (plan's lookups)
+        # whether a good draft (alpha 0.9) would be planned, per step shape (see plan)
+        self._good_pays: dict[tuple, bool] = {}
         # (batch, free draft, context // 32) -> predicted step ms for K = 0 .. max_k: every running
         # sequence asks for its K every step, and 17 interpolated step costs each time showed up
         # as ~3% of a fast target's decode time
@@ -183,6 +185,7 @@ class SpecController:
         if step_cost_s:
             self._step_ms = _without_spikes({n: s * 1000.0 for n, s in sorted(step_cost_s.items())})
             self._pass_lut = None
+            self._good_pays.clear()
         self._verify_ms = verify_ms or self._verify_ms
         self._plain_ms = plain_ms or self._plain_ms
         self._draft_ms = draft_ms or self._draft_ms
@@ -204,6 +207,7 @@ class SpecController:
             old = self.draft_pass_ms(batch_size) or None  # the stored value, else the carried estimate
             self._draft_pass_ms[batch_size] = per if old is None else 0.8 * old + 0.2 * per
             self._cost_cache.clear()
+            self._good_pays.clear()
 
     def draft_pass_ms(self, batch_size: int) -> float:
         """Measured ms of one drafting pass for a batch; for a batch size not measured yet, the
@@ -369,12 +373,14 @@ class SpecController:
         open_slots = [i for i, k in enumerate(ks) if k < 0]
         planned = self._plan_greedy([alphas[i] for i in open_slots], [slots[i] for i in open_slots], base_rows,
                                     base_ms, batch, prefill_rows)
-        good_pays: dict[bool, bool] = {}
-
-        def good_drafts_pay(slot: DraftSlot) -> bool:  # once per source per step (~0.1 ms each)
-            if slot.free not in good_pays:
-                good_pays[slot.free] = any(self._plan_greedy([_HIGH_ALPHA], [slot], base_rows, base_ms, batch))
-            return good_pays[slot.free]
+        def good_drafts_pay(slot: DraftSlot) -> bool:
+            # ~0.1 ms to plan: kept per step shape (its attention to the ms), which changes slowly
+            key = (batch, base_rows, slot.free, slot.context // 64, round(base_ms))
+            if key not in self._good_pays:
+                if len(self._good_pays) > 4096:
+                    self._good_pays.clear()
+                self._good_pays[key] = any(self._plan_greedy([_HIGH_ALPHA], [slot], base_rows, base_ms, batch))
+            return self._good_pays[key]
 
         for i, k in zip(open_slots, planned, strict=True):
             ks[i] = self._settle(states[i], k, False, lambda i=i: good_drafts_pay(slots[i]), batch, slots[i].free)
