@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -152,3 +153,20 @@ def test_the_controller_keeps_an_acceptance_rate_per_kind():
     assert c.alpha(99, kind=8) > 0.9 and c.alpha(99, kind=1) < 0.3
     assert c.choose_k(99, 1, free_draft=True, kind=8) >= 8
     assert c.choose_k(99, 1, free_draft=True, kind=1) == 0
+
+
+def test_native_match_agrees_with_the_numpy_search():
+    """The kernels' backward scan and the vectorised search find the same (end, length) on texts
+    with many repeats (small vocabularies), for every n range."""
+    from specache import kernels
+    from specache.spec.ngram import find_match_numpy
+
+    native = kernels.load()
+    if native is None:
+        pytest.skip("native kernels unavailable")
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        text = rng.integers(0, int(rng.integers(2, 6)), size=int(rng.integers(0, 60)), dtype=np.int32)
+        max_ngram = int(rng.integers(1, 9))
+        min_ngram = int(rng.integers(1, max_ngram + 1))
+        assert native.ngram_match(text, max_ngram, min_ngram) == find_match_numpy(text, max_ngram, min_ngram)
