@@ -16,6 +16,18 @@ time; 0 when no K beats plain decoding by `margin`, or when alpha fell below `mi
 warm-up. Records are kept per key: the decoder uses (sequence, free or paid source), because an
 `auto` sequence's lookup hits and model drafts are accepted at different rates.
 
+The step plan. `choose_k` prices a batch as if every sequence drafted alike; the decoder instead
+asks `plan` once per step for every decoding sequence's K together, maximising the step's
+expected tokens per ms: one copying sequence in a batch of 16 drafts 16 tokens and the rest none,
+where drafting alike had either priced it out or made everyone draft. Each draft's own costs
+(its rows' attention over its context, a drafter's passes) add up per sequence and the target
+pass's cost follows from the step's total rows (the AMX 16-row steps included), which makes the
+search exact for a given rate: the best S extra rows are the S largest increments alpha^k - rate
+* cost over all sequences, and the rate is raised to the plan's own until it stops rising
+(Dinkelbach). Beside a prompt chunk the drafts must instead pay at `margin` times plain
+decoding's rate. Hybrid target, 16 input-grounded prompts: 0.92-0.94x with per-sequence choices
+(6 interleaved pairs), 1.01-1.08x with the plan.
+
 Kinds. A proposer may label each draft with a kind that predicts its acceptance
 (`Proposer.draft_kind`; prompt lookup: how many tokens matched). Records are then kept per
 (sequence, kind), a new one starting from the kind's global rate: a copy-heavy request drafts 16
