@@ -420,3 +420,24 @@ def test_plan_keeps_paid_drafts_within_their_cap():
     slots = [DraftSlot(1, None, False, 100), DraftSlot(2, None, True, 100), DraftSlot(3, None, False, 100)]
     assert c._plan_greedy([0.99] * 3, slots, 3, 0.3, 3) == [4, 16, 4]
     assert c._plan_greedy([0.99], slots[:1], 1, 0.3, 1) == [4]
+
+
+def test_paid_drafts_share_their_drafting_passes():
+    """A model drafter drafts every paid sequence in the same passes: a step costs pass_ms x the
+    deepest paid draft. The plan against every combination under that cost (three paid sequences)."""
+    rng = random.Random(2)
+    c = SpecController(max_k=5, max_paid_k=5, margin=1.0)
+    c.calibrate(TILED, attention_ms_per_key=0.001, attention_ms_per_key_extra_row=0.0008)
+    c.record_draft_time(seconds=0.004, num_passes=1, batch_size=3)  # 4 ms a drafting pass
+    for _ in range(100):
+        alphas = [rng.uniform(0.3, 0.99) for _ in range(3)]
+        contexts = [rng.randrange(10, 600) for _ in range(3)]
+        slots = [DraftSlot(i, None, False, ctx) for i, ctx in enumerate(contexts)]
+
+        def rate(ks, alphas=alphas, contexts=contexts):
+            ms = float(c._pass_at(3 + sum(ks))) + 1.0 + c.draft_pass_ms(3) * max(ks)
+            ms += sum(0.0008 * ctx * k for ctx, k in zip(contexts, ks, strict=True))
+            return (3 + sum(expected_tokens(a, k) - 1 for a, k in zip(alphas, ks, strict=True))) / ms
+
+        best = max(itertools.product(range(6), repeat=3), key=rate)
+        assert rate(c._plan_greedy(alphas, slots, 3, 1.0, 3)) >= rate(best) * (1 - 1e-9)
