@@ -342,7 +342,7 @@ def test_step_plan_is_the_best_plan_of_the_whole_step():
         contexts = [rng.randrange(10, 900) for _ in range(3)]
         batch = rng.randrange(3, 20)
         slots = [DraftSlot(i, None, True, ctx) for i, ctx in enumerate(contexts)]
-        planned = c._plan_greedy(alphas, slots, batch, 3.0, batch)
+        planned = c._plan_ks(alphas, slots, batch, 3.0, batch)
         best = max(_step_rate(c, ks, alphas, contexts, batch, 3.0, batch)
                    for ks in itertools.product(range(6), repeat=3))
         assert _step_rate(c, planned, alphas, contexts, batch, 3.0, batch) >= best * (1 - 1e-9)
@@ -357,7 +357,7 @@ def test_a_copying_sequence_drafts_in_a_batch_that_would_not_draft_alike():
     c.set_context(300)
     assert c.best_k(0.97, 16, free_draft=True) <= 1
     slots = [DraftSlot(i, None, True, 300) for i in range(16)]
-    ks = c._plan_greedy([0.97] + [0.2] * 15, slots, 16, 16 * 0.3, 16)
+    ks = c._plan_ks([0.97] + [0.2] * 15, slots, 16, 16 * 0.3, 16)
     assert ks[0] >= 8 and ks[1:] == [0] * 15
     # and K stays below what crossing the next 16-row tile boundary would cost
     assert 16 + sum(ks) <= 32
@@ -383,7 +383,7 @@ def test_drafts_beside_a_prompt_chunk_must_pay_at_plain_decodings_rate():
             ms += sum(0.0008 * ctx * k for ctx, k in zip(contexts, ks, strict=True))
             return sum(expected_tokens(a, k) - 1 for a, k in zip(alphas, ks, strict=True)) - rate * ms
 
-        planned = c._plan_greedy(alphas, slots, batch, 1.0, batch, prefill)
+        planned = c._plan_ks(alphas, slots, batch, 1.0, batch, prefill)
         assert net(planned) >= max(net(ks) for ks in itertools.product(range(6), repeat=2)) - 1e-9
     # one sequence beside a 1500-token chunk: its rows cost ~0.2 ms each against 5 ms a plain token
     assert c.plan([DraftSlot(1, None, True, 100)], prefill_rows=1500) != [0]
@@ -418,8 +418,8 @@ def test_plan_keeps_paid_drafts_within_their_cap():
     c = SpecController(max_k=16, max_paid_k=4)
     c.calibrate({1: 0.005, 16: 0.006, 64: 0.012, 1024: 0.200})
     slots = [DraftSlot(1, None, False, 100), DraftSlot(2, None, True, 100), DraftSlot(3, None, False, 100)]
-    assert c._plan_greedy([0.99] * 3, slots, 3, 0.3, 3) == [4, 16, 4]
-    assert c._plan_greedy([0.99], slots[:1], 1, 0.3, 1) == [4]
+    assert c._plan_ks([0.99] * 3, slots, 3, 0.3, 3) == [4, 16, 4]
+    assert c._plan_ks([0.99], slots[:1], 1, 0.3, 1) == [4]
 
 
 def test_paid_drafts_share_their_drafting_passes():
@@ -440,4 +440,4 @@ def test_paid_drafts_share_their_drafting_passes():
             return (3 + sum(expected_tokens(a, k) - 1 for a, k in zip(alphas, ks, strict=True))) / ms
 
         best = max(itertools.product(range(6), repeat=3), key=rate)
-        assert rate(c._plan_greedy(alphas, slots, 3, 1.0, 3)) >= rate(best) * (1 - 1e-9)
+        assert rate(c._plan_ks(alphas, slots, 3, 1.0, 3)) >= rate(best) * (1 - 1e-9)
