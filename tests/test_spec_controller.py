@@ -441,3 +441,22 @@ def test_paid_drafts_share_their_drafting_passes():
 
         best = max(itertools.product(range(6), repeat=3), key=rate)
         assert rate(c._plan_ks(alphas, slots, 3, 1.0, 3)) >= rate(best) * (1 - 1e-9)
+
+
+def test_a_kind_that_fails_everywhere_is_off_for_a_new_sequence():
+    """After one-token matches failed across sequences, a new sequence's first such draft is off
+    (probed now and then) instead of spending its own warm-up trials; a good kind still drafts."""
+    c = SpecController(max_k=8)
+    c.calibrate(MEMORY_BOUND)
+    for seq in range(5):
+        c.record(seq, 4, 0, kind=1)
+        c.record(seq, 8, 8, kind=8)
+    assert c.alpha(99, kind=1) < c.min_alpha
+    slots = [DraftSlot(99, 1, True, 50), DraftSlot(100, 8, True, 50)]
+    ks = []
+    for _ in range(c.probe_every - 1):
+        ks.append(c.plan(slots))
+        if ks[-1][0]:
+            c.record(99, ks[-1][0], 0, kind=1)  # its probe fails
+    assert all(k[1] > 0 for k in ks)
+    assert sum(k[0] > 0 for k in ks) <= 1 and c.is_off_for_acceptance(99, kind=1)  # at most its first probe
