@@ -276,9 +276,9 @@ class SpecController:
         (measured / predicted of each, in [1, 2]); 1 until both kinds of step have 8 samples. Never
         below 1: the table under-predicts a many-sequence plain step more than a drafted one (its
         attention of 16 first rows was 12 ms measured against 8.4 predicted), and a factor below 1
-        had made drafts look cheaper than they were.
-        Multiplies a drafted step's predicted cost in best_k: on a fast target where speculation
-        barely pays (open-ended text), the model's optimism was the margin between 0.95x and 1x."""
+        had made drafts look cheaper than they were. Multiplies a drafted step's predicted cost in
+        best_k and the step plan: on a fast target where speculation barely pays (open-ended text),
+        the model's optimism was the margin between 0.95x and 1x."""
         drafted, plain = self._realized[True], self._realized[False]
         if drafted[2] < 8 or plain[2] < 8:
             return 1.0
@@ -378,6 +378,7 @@ class SpecController:
         ks = [-1] * len(slots)
         for i, (slot, st, alpha) in enumerate(zip(slots, states, alphas, strict=True)):
             if self._low_acceptance(st, alpha, slot.kind):
+                self.set_context(slot.context)  # what a probe of it costs (probe_cost)
                 ks[i] = self._settle(st, 0, True, lambda: True, batch, slot.free)
         probing = [k for k in ks if k > 0]
         base_rows = batch + sum(probing)
@@ -385,7 +386,8 @@ class SpecController:
             sum(self._attention_ms(max(k, 0), s.context) for s, k in zip(slots, ks, strict=True))
         open_slots = [i for i, k in enumerate(ks) if k < 0]
         planned = self._plan_ks([alphas[i] for i in open_slots], [slots[i] for i in open_slots], base_rows,
-                                    base_ms, batch, prefill_rows)
+                                base_ms, batch, prefill_rows)
+
         def good_drafts_pay(slot: DraftSlot) -> bool:
             # ~0.1 ms to plan: kept per step shape (its attention to the ms), which changes slowly
             key = (batch, base_rows, slot.free, slot.context // 64, round(base_ms))
@@ -396,13 +398,14 @@ class SpecController:
             return self._good_pays[key]
 
         for i, k in zip(open_slots, planned, strict=True):
+            self.set_context(slots[i].context)
             ks[i] = self._settle(states[i], k, False, lambda i=i: good_drafts_pay(slots[i]), batch, slots[i].free)
         for k in ks:
             self.chosen_k[k] = self.chosen_k.get(k, 0) + 1
         return ks
 
     def _plan_ks(self, alphas: list[float], slots: list[DraftSlot], base_rows: int, base_ms: float,
-                     batch: int, prefill_rows: int = 0) -> list[int]:
+                 batch: int, prefill_rows: int = 0) -> list[int]:
         """Ks for `slots` (with these acceptances) on top of a decode step of base_rows rows whose
         attention costs base_ms, maximising expected tokens per ms; all 0 unless that beats plain
         decoding by `margin`. Tokens and the drafts' own costs add up per sequence, the pass cost
@@ -636,7 +639,7 @@ class SpecController:
             "draft_tokens": self.draft_tokens,
             "accepted_tokens": self.accepted_tokens,
             "acceptance_rate": rate,  # accepted / drafted
-            "alpha": alpha,  # per-token acceptance (decayed), what choose_k uses
+            "alpha": alpha,  # per-token acceptance (decayed), the global prior of every record
             "alpha_by_kind": {str(kind): self.alpha(kind=kind) for kind in sorted(self._global_by_kind, key=str)},
             # tokens emitted per verification step, bonus included (the EAGLE / vLLM convention)
             "mean_accepted_length": 1 + self.accepted_tokens / drafts if drafts else 0.0,

@@ -340,8 +340,6 @@ class SpecDecoder:
 
     def _verify_by_argmax(self, rows) -> list[tuple]:
         """(row, result, the target's argmax after each draft prefix) for greedy rows."""
-        if not rows:
-            return []
         out = []
         for r in rows:
             # Each sequence's rows apart: concatenating them first copied up to 64 x 49k logits a step

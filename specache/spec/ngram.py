@@ -75,8 +75,14 @@ def continuation(tokens: np.ndarray, end: int, k: int, extend_periodic: bool = T
 def lookup(tokens: np.ndarray, k: int, max_ngram: int = 4, min_ngram: int = 1,
            extend_periodic: bool = True) -> list[int]:
     """Up to k tokens that followed the latest earlier match of the longest matching suffix."""
+    return lookup_with_length(tokens, k, max_ngram, min_ngram, extend_periodic)[0]
+
+
+def lookup_with_length(tokens: np.ndarray, k: int, max_ngram: int = 4, min_ngram: int = 1,
+                       extend_periodic: bool = True) -> tuple[list[int], int]:
+    """`lookup`'s draft and how many tokens matched (0: no match, no draft)."""
     end, n = find_match(tokens, max_ngram, min_ngram) if k > 0 else (-1, 0)
-    return continuation(tokens, end, k, extend_periodic) if n else []
+    return (continuation(tokens, end, k, extend_periodic) if n else []), n
 
 
 class _History:
@@ -125,8 +131,8 @@ class NgramProposer(Proposer):
         cached = self._matches.get(seq_id)
         if cached is None or cached[:2] != (len(token_ids), token_ids[-1]):
             tokens = self._histories.setdefault(seq_id, _History()).sync(token_ids)
-            end, n = find_match(tokens, self.max_ngram, self.min_ngram)
-            draft = continuation(tokens, end, MAX_SPEC_TOKENS, self.extend_periodic) if n else []
+            draft, n = lookup_with_length(tokens, MAX_SPEC_TOKENS, self.max_ngram, self.min_ngram,
+                                          self.extend_periodic)
             cached = self._matches[seq_id] = (len(token_ids), token_ids[-1], draft, n)
         return cached[2], cached[3]
 
