@@ -77,6 +77,14 @@ def _reference_attention(q, k_slots, v_slots, seqs):
     return out
 
 
+def _rounds_to_bf16(native, group: int, d: int) -> bool:
+    """Whether a bf16 cache's attention rounds the queries and probabilities to bf16 here: the
+    AVX512-BF16 register path (head_dim 64 with up to 8 heads per KV head, 128 with up to 4) and the
+    AMX prefill path (head_dim a multiple of 32). On other CPUs the generic path widens to fp32."""
+    register_path = native.BF16_DOT_PRODUCTS and (d == 64 and group <= 8 or d == 128 and group <= 4)
+    return register_path or (native.amx_attention() and d % 32 == 0)
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nh,nkv,d", [(6, 2, 40), (9, 3, 64), (8, 2, 128), (4, 4, 64)])  # generic and register paths
 def test_paged_attention_matches_sdpa_on_a_mixed_batch(native, cache_dtype, nh, nkv, d):
@@ -99,7 +107,9 @@ def test_paged_attention_matches_sdpa_on_a_mixed_batch(native, cache_dtype, nh, 
                              seqs=[SeqAttention(s, n, slots, None) for s, n, slots in seqs])
     info, slots = meta.kernel_args
     got = native.paged_attention(q, k_slots, v_slots, info, slots, d ** -0.5)
-    if cache_dtype == torch.float32:
+    if cache_dtype == torch.float32 or not _rounds_to_bf16(native, nh // nkv, d):
+        # fp32 arithmetic on the cache's values (a bf16 cache without AVX512-BF16: each key and value
+        # widened exactly), so as tight as fp32
         torch.testing.assert_close(got, _reference_attention(q, k_slots, v_slots, seqs), rtol=1e-4, atol=1e-5)
     else:  # bf16 dot products: the scaled queries and the probabilities are rounded to bf16
         scale = d ** -0.5

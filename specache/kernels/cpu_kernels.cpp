@@ -1434,6 +1434,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "each row's argmax (first on ties)", py::call_guard<py::gil_scoped_release>());
   m.def("ngram_match", &ngram_match, "prompt lookup's (end, length) of the longest latest suffix match");
   m.attr("MAX_GROUP") = kMaxGroup;
+#ifdef SPECACHE_AVX512BF16
+  m.attr("BF16_DOT_PRODUCTS") = true;
+#else
+  m.attr("BF16_DOT_PRODUCTS") = false;
+#endif
   m.def("amx_attention", &amx_attention_available, "whether bf16-cache prefill attention runs on AMX tiles");
   m.attr("AMX_ATTENTION_MIN_ROWS") = kAmxAttentionMinRows;
   m.def("amx_pack", &amx_pack, "q's AMX tile layout (empty where AMX is unavailable)");
