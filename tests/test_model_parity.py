@@ -150,13 +150,18 @@ def _prefill_then_decode(model: LlamaModel, prompt: list[int], steps: int,
 def test_int8_and_hybrid_weights_stay_close_to_dense_and_hybrid_prefill_is_exact(tiny_model_dir):
     """int8 logits track fp32 within a few percent of their spread, fed the same tokens; hybrid
     prefills a prompt longer than its int8 steps (above 64 rows, the fused step's floor) with the
-    dense weights, so its prompt logits are closer than int8's."""
+    dense weights, so its prompt logits are closer than int8's. (The switch point is set as
+    calibrated on a CPU whose dense GEMM wins at prefill sizes: on an AVX2 CPU with bf16 weights
+    int8 wins everywhere and hybrid prefills in int8 too.)"""
     loaded = load_model(str(tiny_model_dir))
     prompt = torch.randint(0, 49152, (70,), generator=torch.Generator().manual_seed(3)).tolist()
     dense, tokens = _prefill_then_decode(LlamaModel(loaded.config, loaded.weights), prompt, 8)
     prefill_error = {}
     for fmt in ("int8", "hybrid"):
         model = LlamaModel(loaded.config, loaded.weights, weight_format=fmt)
+        if fmt == "hybrid":
+            for proj in [model.lm_head] + [p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]:
+                proj.int8_max_rows = 64
         quant, _ = _prefill_then_decode(model, prompt, 8, forced=tokens)
         assert all(row.dtype == torch.float32 for row in quant)  # int8 weights keep fp32 activations
         for q, d in zip(quant, dense, strict=True):
@@ -166,11 +171,36 @@ def test_int8_and_hybrid_weights_stay_close_to_dense_and_hybrid_prefill_is_exact
 
 
 def test_hybrid_calibration_picks_a_switch_point_per_projection(tiny_model_dir):
-    from specache.models.llama import CALIBRATION_ROWS
+    from specache.models.llama import CALIBRATION_ROWS, INT8_ALWAYS
 
     loaded = load_model(str(tiny_model_dir))
     model = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
     projections = [model.lm_head] + [p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]
-    assert all(p.int8_max_rows in (0, *CALIBRATION_ROWS) for p in projections)
+    assert all(p.int8_max_rows in (0, *CALIBRATION_ROWS, INT8_ALWAYS) for p in projections)
     # every layer shares the measurement of its shape
     assert len({lw.gate_up.int8_max_rows for lw in model.layers}) == 1
+
+
+@pytest.mark.parametrize("int8_wins_up_to,prefill_speedup,expected",
+                         [(0, 9.0, 0), (4, 9.0, 4), (64, 2.5, 64), (256, 2.5, 64), (256, 3.0, "always")])
+def test_hybrid_calibration_switches_at_the_first_loss_and_keeps_int8_for_prefill_where_it_wins_by_far(
+        tiny_model_dir, monkeypatch, int8_wins_up_to, prefill_speedup, expected):
+    from specache.models import llama
+
+    loaded = load_model(str(tiny_model_dir))
+    model = LlamaModel(loaded.config, loaded.weights, weight_format="int8")
+    asked = []
+
+    def int8_speedup(column, rows, dtype, device):
+        asked.append((rows, len(column)))
+        if rows == llama.PREFILL_CALIBRATION_ROWS:
+            return prefill_speedup
+        return 1.2 if rows <= int8_wins_up_to else 0.9
+
+    monkeypatch.setattr(llama, "_int8_speedup", int8_speedup)
+    column = [lw.gate_up for lw in model.layers]
+    got = llama.calibrate_int8_max_rows(column, torch.float32, "cpu")
+    assert got == (llama.INT8_ALWAYS if expected == "always" else expected)
+    # the prefill-sized check only where int8 won every decode size, on a few layers' copies
+    prefill_checks = [n for rows, n in asked if rows == llama.PREFILL_CALIBRATION_ROWS]
+    assert prefill_checks == ([min(len(column), llama.PREFILL_CALIBRATION_LAYERS)] if int8_wins_up_to >= 64 else [])

@@ -109,6 +109,20 @@ BATCHED_ATTENTION_MAX_Q = 32
 # Before calibration: measured on 2-core AVX2 and AVX512-BF16 CPUs, int8 wins up to ~8 rows.
 HYBRID_INT8_MAX_ROWS = 8
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
+# Where int8 still wins at CALIBRATION_ROWS[-1] rows, one prefill-sized check: on CPUs without
+# AVX512-BF16 a bf16 GEMM takes a slow path (AMD EPYC, AVX2: 36 ms for 128 rows of gate_up against
+# 7.6 ms in the int8 kernel), and prefilling a 306-token prompt through dense bf16 took 4.6 s
+# against 1.0 s in int8 (int8 4-6x as fast at 128 rows). Compute-bound there, so a few layers'
+# copies time it. Int8 must win by a margin: on an AMX CPU it is 0.8-2.1x as fast at 128 rows but
+# oneDNN's GEMM wins most shapes from ~512 rows, and prefilling 2000 tokens all in int8 took 740 ms
+# against 607 ms with dense prefill chunks.
+PREFILL_CALIBRATION_ROWS = 128
+PREFILL_CALIBRATION_LAYERS = 2
+PREFILL_INT8_MIN_SPEEDUP = 3.0
+# From this many rows the median of 3 timed calls: the 16-64-row dense bf16 timings were ~12 of
+# the ~15 s that calibration took at load on that CPU.
+CALIBRATION_FEWER_REPEATS_ROWS = 16
+INT8_ALWAYS = 1 << 62  # int8_max_rows of a projection that uses int8 for every row count
 
 
 class Projection:
@@ -124,7 +138,8 @@ class Projection:
       activations). 2-3x faster than fp32 for 1-8 rows.
     hybrid: both copies; int8 up to ``int8_max_rows`` rows (decode), dense above (prefill). The
       switch point depends on the CPU and the kernels (64 rows with AMX here, 8 with PyTorch's
-      kernel on AVX512-BF16, 16-64 on AVX2), so `calibrate_int8_max_rows` measures it at load.
+      kernel on AVX512-BF16; on AVX2 the native int8 kernel beats the slow bf16 GEMM at every row
+      count), so `calibrate_int8_max_rows` measures it at load.
     """
 
     __slots__ = ("dense", "dense_t", "q", "scales", "scales_f32", "packed", "native", "int8_max_rows")
@@ -148,7 +163,7 @@ class Projection:
             if self.native is not None:  # AMX tile layout for multi-row steps (empty without AMX)
                 self.packed = self.native.amx_pack(self.q)
             if weight_format == "int8":
-                self.int8_max_rows = 1 << 62
+                self.int8_max_rows = INT8_ALWAYS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.q is not None and x.shape[0] <= self.int8_max_rows:
@@ -166,6 +181,7 @@ class Projection:
 
 
 def _median_seconds(fn, repeats: int = 5) -> float:
+    """The median of `repeats` timed calls after a warm-up call."""
     fn()  # warm-up: first calls pack weights / allocate
     times = []
     for _ in range(repeats):
@@ -182,19 +198,34 @@ def _over_layers(method, column: list[Projection], x: torch.Tensor):
 @torch.inference_mode()
 def calibrate_int8_max_rows(column: list[Projection], dtype: torch.dtype, device) -> int:
     """The largest row count (of CALIBRATION_ROWS) up to which the int8 kernel is at least as fast
-    as the dense GEMM on this machine, for one projection shape; a few ms at load.
+    as the dense GEMM on this machine, for one projection shape; a few ms at load. INT8_ALWAYS when
+    int8 is also PREFILL_INT8_MIN_SPEEDUP times as fast at PREFILL_CALIBRATION_ROWS (then prefill
+    chunks take it too).
 
     It times one pass over every layer's copy (``column``), as a forward pass reads them: timing
     one copy over and over measures weights hot in cache, where dense bf16 looks ~2x faster than
     it is when a step streams the whole model from memory."""
     best = 0
     for rows in CALIBRATION_ROWS:
-        x = torch.randn(rows, column[0].q.shape[1], dtype=dtype, device=device)
-        if _median_seconds(_over_layers(Projection.int8, column, x)) > \
-                _median_seconds(_over_layers(Projection.dense_mm, column, x)):
-            break
+        if _int8_speedup(column, rows, dtype, device) < 1.0:
+            return best
         best = rows
+    prefill_column = column[:PREFILL_CALIBRATION_LAYERS]
+    if _int8_speedup(prefill_column, PREFILL_CALIBRATION_ROWS, dtype, device) >= PREFILL_INT8_MIN_SPEEDUP:
+        return INT8_ALWAYS
     return best
+
+
+def _rows_label(int8_max_rows: int) -> str:
+    return "any number of" if int8_max_rows == INT8_ALWAYS else str(int8_max_rows)
+
+
+def _int8_speedup(column: list[Projection], rows: int, dtype: torch.dtype, device) -> float:
+    """Dense time over int8 time for `rows` activation rows through the column's copies."""
+    x = torch.randn(rows, column[0].q.shape[1], dtype=dtype, device=device)
+    repeats = 5 if rows < CALIBRATION_FEWER_REPEATS_ROWS else 3
+    int8_s = _median_seconds(_over_layers(Projection.int8, column, x), repeats)
+    return _median_seconds(_over_layers(Projection.dense_mm, column, x), repeats) / int8_s
 
 
 @dataclass
@@ -303,9 +334,9 @@ class LlamaModel:
             rows = calibrate_int8_max_rows(list(column), self.dtype, self.device)
             for proj in column:
                 proj.int8_max_rows = rows
-            log.info("hybrid weights: %s uses int8 up to %d rows", name, rows)
+            log.info("hybrid weights: %s uses int8 up to %s rows", name, _rows_label(rows))
         self.lm_head.int8_max_rows = calibrate_int8_max_rows([self.lm_head], self.dtype, self.device)
-        log.info("hybrid weights: lm_head uses int8 up to %d rows", self.lm_head.int8_max_rows)
+        log.info("hybrid weights: lm_head uses int8 up to %s rows", _rows_label(self.lm_head.int8_max_rows))
 
     @property
     def num_layers(self) -> int:
