@@ -215,3 +215,44 @@ def test_cost_model_calibration_fits_a_short_max_model_len(tiny_model_dir):
     assert llm.engine.spec.controller.attention_ms_per_key >= 0.0
     out = llm.generate([[5, 6, 7, 5, 6, 7, 5, 6]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 8 and llm.engine.pool.all_free()
+
+
+def test_seed_formula_speedup_counts_tokens_per_pass_and_the_draft_cost():
+    from specache.bench.spec import seed_formula_speedup
+
+    # 10 tokens in 4 target passes, 12 drafted: 2.5 tokens a pass when drafting is free
+    assert seed_formula_speedup(10, 4, 12, 0.0) == pytest.approx(2.5)
+    assert seed_formula_speedup(10, 4, 12, 0.1) == pytest.approx(10 / 5.2)
+    assert seed_formula_speedup(5, 5, 0, 0.3) == pytest.approx(1.0)  # nothing drafted: plain
+
+
+def test_bench_spec_reports_the_seed_formula_and_the_chosen_k_per_batch(tiny_model_dir, tmp_path):
+    """`specache bench spec` end to end on a tiny model: every cell has the seed formula's speedup
+    next to the measured one, greedy output equals plain, and the batch study reports the K the
+    controller chose for each method."""
+    import argparse
+    import json
+
+    from specache.bench import spec as bench_spec
+
+    args = argparse.Namespace(model=str(tiny_model_dir), dtype="float32", weight_format="dense",
+                              methods="ngram,lookahead", temperatures="0", batches="1,4", new_tokens=12,
+                              num_spec_tokens=4, repeats=1, no_transformers=True, docs=str(tmp_path / "docs"),
+                              out=str(tmp_path / "out"))
+    result = bench_spec.run(args)
+    cells = [r for r in result["rows"] if r["method"] != "plain"]
+    assert len(cells) == 2 * len(bench_spec.TASKS)
+    assert all(r["greedy output = plain"] for r in cells)
+    # tokens per target pass, less what drafting costs (nothing for lookups)
+    assert all(r["seed-formula speedup"] >= 1.0 for r in cells if r["method"] == "ngram")
+    assert any(r["seed-formula speedup"] > 1.0 for r in cells)
+    assert all(r["seed-formula speedup"] > 0.5 for r in cells)
+    batch = [r for r in result["batch"] if r["method"] != "plain"]
+    assert [(r["method"], r["batch"]) for r in batch] == \
+        [("ngram", 1), ("ngram", 4), ("lookahead", 1), ("lookahead", 4)]
+    assert all(r["mean K"] >= 0 and 0 <= r["steps drafted"] <= 1 for r in batch)
+    assert any(r["mean K"] > 0 for r in batch)
+    report = (tmp_path / "out" / "spec.md").read_text()
+    assert "seed-formula speedup" in report and "mean K" in report
+    assert json.loads((tmp_path / "out" / "spec.json").read_text())["batch"]
+    assert (tmp_path / "docs" / "spec-speedup.png").exists()

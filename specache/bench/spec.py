@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the target's weights (plain decode runs on the same)")
     p.add_argument("--methods", default="ngram,lookahead,layer-skip:8,quantized,auto,draft")
     p.add_argument("--temperatures", default="0,0.7")
-    p.add_argument("--batches", default="1,4,16", help="batch sizes for the batch study (ngram vs plain)")
+    p.add_argument("--batches", default="1,4,16",
+                   help="batch sizes for the batch study (each method vs plain; empty: none)")
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--num-spec-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1)
@@ -121,12 +122,38 @@ def _time_ours(llm, prompts, params, repeats):
     toks = sum(len(o.token_ids) for o in outs)
     drafted = sum(o.metrics["spec_draft_tokens"] for o in outs)
     accepted = sum(o.metrics["spec_accepted_tokens"] for o in outs)
+    draft_steps = sum(o.metrics["spec_draft_steps"] for o in outs)
+    passes = toks - accepted  # target passes: each emits one token and the draft tokens it accepted
     lengths = [o.metrics["spec_mean_accepted_length"] for o in outs if o.metrics["spec_mean_accepted_length"]]
     return {"s": median(times), "tokens": toks, "tok/s": toks / median(times),
             "decode tok/s": (toks - len(outs)) / median(decode_times),
             "acceptance": accepted / drafted if drafted else None,
             "mean accepted length": sum(lengths) / len(lengths) if lengths else None,
+            "mean K": drafted / draft_steps if draft_steps else 0.0,
+            "steps drafted": draft_steps / passes if passes else 0.0,
+            "seed-formula speedup": seed_formula_speedup(toks, passes, drafted, _paid_draft_cost(llm)),
             "outputs": [o.token_ids for o in outs]}
+
+
+def seed_formula_speedup(tokens: int, passes: int, drafted: int, draft_cost_ratio: float) -> float:
+    """The seed formula (1 - alpha^(K+1)) / ((1 - alpha)(K c + 1)) at the run's measured acceptance,
+    K and draft cost, over all its steps: the tokens each target pass produced, against passes
+    that cost one plain step each (verifying K + 1 tokens as cheap as decoding one) plus c per
+    drafted token."""
+    cost = passes + draft_cost_ratio * drafted
+    return tokens / cost if cost else 1.0
+
+
+def _paid_draft_cost(llm) -> float:
+    """The controller's measured draft cost per token over a plain step (0 for lookup drafts), as
+    the share of drafts a model made (auto mixes lookups and model drafts)."""
+    spec = llm.engine.spec
+    if spec is None or spec.proposer.free_to_draft:
+        return 0.0
+    stats = spec.stats()
+    lookups, models = stats.get("lookup_drafts"), stats.get("model_drafts")
+    share = models / (lookups + models) if lookups is not None and lookups + models else 1.0
+    return stats["draft_cost_ratio"] * share
 
 
 def _time_paired(llm, plain_llm, prompts, params, repeats) -> tuple[dict, float]:
@@ -145,6 +172,7 @@ def _time_paired(llm, plain_llm, prompts, params, repeats) -> tuple[dict, float]
     result["tok/s"] = median([m["tok/s"] for m, _ in pairs])
     result["plain tok/s"] = median([p["tok/s"] for _, p in pairs])
     result["decode speedup"] = median([m["decode tok/s"] / p["decode tok/s"] for m, p in pairs])
+    result["seed-formula speedup"] = median([m["seed-formula speedup"] for m, _ in pairs])
     return result, median(ratios)
 
 
@@ -177,23 +205,23 @@ def run(args: argparse.Namespace) -> dict:
                 row = {"method": method.split("/")[-1] if method.startswith("draft:") else method,
                        "task": task, "temperature": temp, "tok/s": r["tok/s"],
                        "speedup": speedup, "decode speedup": r.get("decode speedup", 1.0),
-                       "acceptance": r["acceptance"],
+                       "seed-formula speedup": r["seed-formula speedup"], "acceptance": r["acceptance"],
                        "mean accepted length": r["mean accepted length"]}
                 if temp == 0 and method != "plain":
                     row["greedy output = plain"] = r["outputs"] == plain_out[f"{task}|{temp}"]
                 rows.append(row)
-        if method == "ngram":
-            batch_rows += _batch_study(llm, plain_llm, method, args)
+        if method != "plain":
+            batch_rows += _batch_study(llm, plain_llm, rows[-1]["method"], args)
         if llm.engine.spec is not None:
             rows[-1]["controller"] = json.dumps(llm.engine.spec.stats(), default=str)[:200]
         if llm is not plain_llm:
             del llm
     if not args.no_transformers:
         rows += _transformers_rows(model_dir, draft_dir, args, plain_tps)
-    cols = ["method", "task", "temperature", "tok/s", "speedup", "decode speedup", "acceptance",
-            "mean accepted length", "greedy output = plain"]
+    cols = ["method", "task", "temperature", "tok/s", "speedup", "decode speedup", "seed-formula speedup",
+            "acceptance", "mean accepted length", "greedy output = plain"]
     table = markdown_table(rows, cols) + "\n\n## Batch study (temperature 0)\n\n" + \
-        markdown_table(batch_rows, ["method", "batch", "tok/s", "speedup"])
+        markdown_table(batch_rows, ["method", "batch", "tok/s", "speedup", "mean K", "steps drafted"])
     result = {"rows": rows, "batch": batch_rows, "env": environment(), "args": {k: v for k, v in vars(args).items()
                                                                                 if k != "func"}}
     write_report(args.out, "spec", result, table)
@@ -230,18 +258,20 @@ def plot_speedups(rows: list[dict], docs: Path) -> Path:
 
 
 def _batch_study(llm, plain_llm, method, args) -> list[dict]:
-    """The method against plain decode at growing batch sizes, timed in alternating pairs."""
+    """The method against plain decode at growing batch sizes, timed in alternating pairs, with the K
+    the controller chose: the mean draft of the steps that drafted, and the share of steps that did."""
     from specache import SamplingParams
 
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0)
     tok = llm.tokenizer
     grounded = [_chat(tok, t, p) for t in GROUNDED for p in TASKS[t]]
     out = []
-    for b in [int(x) for x in args.batches.split(",")]:
+    for b in [int(x) for x in args.batches.split(",") if x]:
         prompts = (grounded * (b // len(grounded) + 1))[:b]
         r, speedup = _time_paired(llm, plain_llm, prompts, params, args.repeats)
         out += [{"method": "plain", "batch": b, "tok/s": r["plain tok/s"]},
-                {"method": method, "batch": b, "tok/s": r["tok/s"], "speedup": speedup}]
+                {"method": method, "batch": b, "tok/s": r["tok/s"], "speedup": speedup, "mean K": r["mean K"],
+                 "steps drafted": r["steps drafted"]}]
     return out
 
 

@@ -301,6 +301,7 @@ class Engine:
             "num_preemptions": sum(q.num_preemptions for q in seqs),
             "spec_draft_tokens": drafted,
             "spec_accepted_tokens": accepted,
+            "spec_draft_steps": steps,  # decode steps that verified a draft
             "spec_acceptance_rate": accepted / drafted if drafted else None,
             "spec_mean_accepted_length": (accepted + steps) / steps if steps else None,
         }
