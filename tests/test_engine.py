@@ -78,6 +78,7 @@ def test_chat_applies_template_and_reports_metrics(tiny_llm):
     out = tiny_llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=4, temperature=0))[0]
     assert out.metrics["prompt_tokens"] > 5  # the template added the system prompt and markers
     assert out.metrics["completion_tokens"] == len(out.token_ids) <= 4
+    assert out.metrics["target_passes"] == len(out.token_ids)  # plain decoding: one token a pass
     assert out.metrics["ttft_s"] is not None
 
 

@@ -90,6 +90,9 @@ def test_ngram_accepts_on_repetitive_text_and_reports_metrics(tiny_model_dir):
     m = out.metrics
     assert m["spec_draft_tokens"] > 0 and 0 <= m["spec_acceptance_rate"] <= 1
     assert m["spec_mean_accepted_length"] >= 1
+    # each target pass emits one token plus the draft tokens it accepted (the last pass may stop early)
+    assert m["spec_draft_steps"] <= m["target_passes"] <= len(out.token_ids) <= \
+        m["target_passes"] + m["spec_accepted_tokens"]
 
 
 def test_shadow_drafts_settle_against_the_decoded_tokens(tiny_model_dir):
@@ -250,7 +253,7 @@ def test_bench_spec_reports_the_seed_formula_and_the_chosen_k_per_batch(tiny_mod
     batch = [r for r in result["batch"] if r["method"] != "plain"]
     assert [(r["method"], r["batch"]) for r in batch] == \
         [("ngram", 1), ("ngram", 4), ("lookahead", 1), ("lookahead", 4)]
-    assert all(r["mean K"] >= 0 and 0 <= r["steps drafted"] <= 1 for r in batch)
+    assert all(r["mean K"] >= 0 and 0 <= r["steps drafted"] < 1 for r in batch)
     assert any(r["mean K"] > 0 for r in batch)
     report = (tmp_path / "out" / "spec.md").read_text()
     assert "seed-formula speedup" in report and "mean K" in report

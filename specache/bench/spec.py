@@ -111,6 +111,7 @@ def _time_ours(llm, prompts, params, repeats):
     from specache import SamplingParams
 
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up: first-call costs
+    sources_before = _draft_sources(llm)
     times, decode_times, outs = [], [], None
     for _ in range(repeats):
         with Timer() as t:
@@ -123,7 +124,7 @@ def _time_ours(llm, prompts, params, repeats):
     drafted = sum(o.metrics["spec_draft_tokens"] for o in outs)
     accepted = sum(o.metrics["spec_accepted_tokens"] for o in outs)
     draft_steps = sum(o.metrics["spec_draft_steps"] for o in outs)
-    passes = toks - accepted  # target passes: each emits one token and the draft tokens it accepted
+    passes = sum(o.metrics["target_passes"] for o in outs)
     lengths = [o.metrics["spec_mean_accepted_length"] for o in outs if o.metrics["spec_mean_accepted_length"]]
     return {"s": median(times), "tokens": toks, "tok/s": toks / median(times),
             "decode tok/s": (toks - len(outs)) / median(decode_times),
@@ -131,7 +132,7 @@ def _time_ours(llm, prompts, params, repeats):
             "mean accepted length": sum(lengths) / len(lengths) if lengths else None,
             "mean K": drafted / draft_steps if draft_steps else 0.0,
             "steps drafted": draft_steps / passes if passes else 0.0,
-            "seed-formula speedup": seed_formula_speedup(toks, passes, drafted, _paid_draft_cost(llm)),
+            "seed-formula speedup": seed_formula_speedup(toks, passes, drafted, _paid_draft_cost(llm, sources_before)),
             "outputs": [o.token_ids for o in outs]}
 
 
@@ -144,16 +145,24 @@ def seed_formula_speedup(tokens: int, passes: int, drafted: int, draft_cost_rati
     return tokens / cost if cost else 1.0
 
 
-def _paid_draft_cost(llm) -> float:
-    """The controller's measured draft cost per token over a plain step (0 for lookup drafts), as
-    the share of drafts a model made (auto mixes lookups and model drafts)."""
+def _draft_sources(llm) -> tuple[int, int] | None:
+    """(lookup drafts, model drafts) so far where the proposer mixes both (auto), else None."""
+    stats = llm.engine.spec.stats() if llm.engine.spec is not None else {}
+    return (stats["lookup_drafts"], stats["model_drafts"]) if "model_drafts" in stats else None
+
+
+def _paid_draft_cost(llm, sources_before: tuple[int, int] | None) -> float:
+    """The controller's measured cost of drafting one token over a plain step, 0 for lookup drafts;
+    for auto, scaled by the share of this run's drafts that a model made."""
     spec = llm.engine.spec
     if spec is None or spec.proposer.free_to_draft:
         return 0.0
-    stats = spec.stats()
-    lookups, models = stats.get("lookup_drafts"), stats.get("model_drafts")
-    share = models / (lookups + models) if lookups is not None and lookups + models else 1.0
-    return stats["draft_cost_ratio"] * share
+    ratio = spec.stats()["draft_cost_ratio"]
+    now = _draft_sources(llm)
+    if now is None or sources_before is None:
+        return ratio
+    lookups, models = now[0] - sources_before[0], now[1] - sources_before[1]
+    return ratio * models / (lookups + models) if lookups + models else ratio
 
 
 def _time_paired(llm, plain_llm, prompts, params, repeats) -> tuple[dict, float]:

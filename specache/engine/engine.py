@@ -230,6 +230,7 @@ class Engine:
         return out
 
     def _accept_tokens(self, seq: Sequence, tokens: list[int]) -> None:
+        seq.num_steps += 1
         for tok in tokens:
             seq.append(tok)
             self.stats["generation_tokens"] += 1
@@ -302,6 +303,7 @@ class Engine:
             "spec_draft_tokens": drafted,
             "spec_accepted_tokens": accepted,
             "spec_draft_steps": steps,  # decode steps that verified a draft
+            "target_passes": sum(q.num_steps for q in seqs),  # steps that emitted tokens, drafted or not
             "spec_acceptance_rate": accepted / drafted if drafted else None,
             "spec_mean_accepted_length": (accepted + steps) / steps if steps else None,
         }

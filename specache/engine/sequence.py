@@ -41,6 +41,7 @@ class Sequence:
     spec_drafted: int = 0
     spec_accepted: int = 0
     spec_steps: int = 0
+    num_steps: int = 0  # target passes (prefill's last chunk, decode and verification steps) that emitted tokens
     generator: Any = None
 
     def __post_init__(self) -> None:
