@@ -259,3 +259,17 @@ def test_bench_spec_reports_the_seed_formula_and_the_chosen_k_per_batch(tiny_mod
     assert "seed-formula speedup" in report and "mean K" in report
     assert json.loads((tmp_path / "out" / "spec.json").read_text())["batch"]
     assert (tmp_path / "docs" / "spec-speedup.png").exists()
+
+
+def test_lookahead_checks_its_pool_drafts_in_the_shadow_while_switched_off(tiny_model_dir):
+    """Lookahead's drafts are pool lookups (free): a sequence the controller switched off keeps
+    giving evidence through shadow drafts, and the output still equals plain decoding's."""
+    from specache.spec.lookahead import LookaheadProposer
+
+    assert LookaheadProposer.free_to_draft
+    prompts = [torch.randint(3, 49152, (30,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(4)]
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="lookahead", num_spec_tokens=4)
+    outputs = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    assert llm.engine.spec.stats()["shadow_drafts"] > 0
+    plain = LLM(model=str(tiny_model_dir), dtype="float32")
+    assert outputs == [o.token_ids for o in plain.generate(prompts, GREEDY)]
