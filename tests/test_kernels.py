@@ -45,7 +45,7 @@ def test_int8_linear_matches_float64(native, rows, n, k):
 
 
 def test_int8_linear_rows_do_not_depend_on_the_batch(native):
-    """The AVX-512 GEMV (no packed copy: CPUs without AMX) sums each row in the same order whatever
+    """The AVX-512 / AVX2 GEMV (no packed copy: CPUs without AMX) sums each row in the same order whatever
     the batch, so verifying K drafts in one pass gives the logits of decoding them one at a time."""
     q, scale = _quantize(torch.randn(300, 576))
     x = torch.randn(7, 576)

@@ -222,11 +222,16 @@ def test_cost_model_calibration_fits_a_short_max_model_len(tiny_model_dir):
 
 def test_seed_formula_speedup_counts_tokens_per_pass_and_the_draft_cost():
     from specache.bench.spec import seed_formula_speedup
+    from specache.spec.controller import expected_speedup, expected_tokens
 
-    # 10 tokens in 4 target passes, 12 drafted: 2.5 tokens a pass when drafting is free
-    assert seed_formula_speedup(10, 4, 12, 0.0) == pytest.approx(2.5)
-    assert seed_formula_speedup(10, 4, 12, 0.1) == pytest.approx(10 / 5.2)
-    assert seed_formula_speedup(5, 5, 0, 0.3) == pytest.approx(1.0)  # nothing drafted: plain
+    # 10 tokens in 4 target passes: 2.5 tokens a pass when drafting is free
+    assert seed_formula_speedup(10, 4, 0.0) == pytest.approx(2.5)
+    assert seed_formula_speedup(10, 4, 0.1 * 12) == pytest.approx(10 / 5.2)  # c = 0.1, 12 tokens drafted
+    assert seed_formula_speedup(5, 5, 0.0) == pytest.approx(1.0)  # nothing drafted: plain
+    # every step drafting K at a per-token acceptance alpha: the closed form of the seed formula
+    alpha, k, c, steps = 0.6, 4, 0.05, 1000
+    tokens = steps * expected_tokens(alpha, k)
+    assert seed_formula_speedup(tokens, steps, c * k * steps) == pytest.approx(expected_speedup(alpha, k, c))
 
 
 def test_bench_spec_reports_the_seed_formula_and_the_chosen_k_per_batch(tiny_model_dir, tmp_path):
@@ -250,10 +255,10 @@ def test_bench_spec_reports_the_seed_formula_and_the_chosen_k_per_batch(tiny_mod
     assert all(r["seed-formula speedup"] >= 1.0 for r in cells if r["method"] == "ngram")
     assert any(r["seed-formula speedup"] > 1.0 for r in cells)
     assert all(r["seed-formula speedup"] > 0.5 for r in cells)
-    batch = [r for r in result["batch"] if r["method"] != "plain"]
+    batch = [r for r in result["batch"] if not r["method"].startswith("plain")]
     assert [(r["method"], r["batch"]) for r in batch] == \
         [("ngram", 1), ("ngram", 4), ("lookahead", 1), ("lookahead", 4)]
-    assert all(r["mean K"] >= 0 and 0 <= r["steps drafted"] < 1 for r in batch)
+    assert all(r["mean K"] >= 0 and 0 <= r["steps drafted"] <= 1 for r in batch)
     assert any(r["mean K"] > 0 for r in batch)
     report = (tmp_path / "out" / "spec.md").read_text()
     assert "seed-formula speedup" in report and "mean K" in report
@@ -273,3 +278,22 @@ def test_lookahead_checks_its_pool_drafts_in_the_shadow_while_switched_off(tiny_
     assert llm.engine.spec.stats()["shadow_drafts"] > 0
     plain = LLM(model=str(tiny_model_dir), dtype="float32")
     assert outputs == [o.token_ids for o in plain.generate(prompts, GREEDY)]
+
+
+def test_bench_prices_only_model_drafted_tokens(tiny_model_dir):
+    """The seed formula's draft cost: lookups are free, and of auto's drafts only the tokens its
+    model drafted cost c each."""
+    from specache.bench.spec import _model_draft_tokens, _paid_draft_cost
+
+    auto = LLM(model=str(tiny_model_dir), dtype="float32", speculative="auto", num_spec_tokens=4)
+    before = _model_draft_tokens(auto)
+    assert before == 0
+    outs = auto.generate(_prompts(), GREEDY)
+    drafted = sum(o.metrics["spec_draft_tokens"] for o in outs)
+    stats = auto.engine.spec.stats()
+    assert 0 < stats["model_draft_tokens"] <= drafted
+    expected = stats["draft_cost_ratio"] * stats["model_draft_tokens"]
+    assert _paid_draft_cost(auto, before, drafted) == pytest.approx(expected)
+    ngram = LLM(model=str(tiny_model_dir), dtype="float32", speculative="ngram", num_spec_tokens=4)
+    assert _model_draft_tokens(ngram) is None
+    assert _paid_draft_cost(ngram, None, 100) == 0.0

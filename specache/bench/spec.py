@@ -111,7 +111,7 @@ def _time_ours(llm, prompts, params, repeats):
     from specache import SamplingParams
 
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up: first-call costs
-    sources_before = _draft_sources(llm)
+    model_tokens_before = _model_draft_tokens(llm)
     times, decode_times, outs = [], [], None
     for _ in range(repeats):
         with Timer() as t:
@@ -131,38 +131,39 @@ def _time_ours(llm, prompts, params, repeats):
             "acceptance": accepted / drafted if drafted else None,
             "mean accepted length": sum(lengths) / len(lengths) if lengths else None,
             "mean K": drafted / draft_steps if draft_steps else 0.0,
-            "steps drafted": draft_steps / passes if passes else 0.0,
-            "seed-formula speedup": seed_formula_speedup(toks, passes, drafted, _paid_draft_cost(llm, sources_before)),
+            # of the decode steps (each sequence's first token came from its prefill, never drafted)
+            "steps drafted": draft_steps / (passes - len(outs)) if passes > len(outs) else 0.0,
+            "seed-formula speedup": seed_formula_speedup(toks, passes, _paid_draft_cost(llm, model_tokens_before,
+                                                                                        drafted)),
             "outputs": [o.token_ids for o in outs]}
 
 
-def seed_formula_speedup(tokens: int, passes: int, drafted: int, draft_cost_ratio: float) -> float:
-    """The seed formula (1 - alpha^(K+1)) / ((1 - alpha)(K c + 1)) at the run's measured acceptance,
-    K and draft cost, over all its steps: the tokens each target pass produced, against passes
-    that cost one plain step each (verifying K + 1 tokens as cheap as decoding one) plus c per
-    drafted token."""
-    cost = passes + draft_cost_ratio * drafted
+def seed_formula_speedup(tokens: int, passes: int, draft_cost: float) -> float:
+    """The seed formula's speedup, (1 - alpha^(K+1)) / ((1 - alpha)(K c + 1)), with its expected
+    tokens per pass replaced by the run's own count: the tokens each target pass produced, against
+    passes that cost one plain step each (verifying K + 1 tokens as cheap as decoding one) plus c
+    per paid drafted token (draft_cost: c x those tokens). It equals the closed form at the fitted
+    alpha when every step drafts K, and also covers steps that drafted less or nothing."""
+    cost = passes + draft_cost
     return tokens / cost if cost else 1.0
 
 
-def _draft_sources(llm) -> tuple[int, int] | None:
-    """(lookup drafts, model drafts) so far where the proposer mixes both (auto), else None."""
-    stats = llm.engine.spec.stats() if llm.engine.spec is not None else {}
-    return (stats["lookup_drafts"], stats["model_drafts"]) if "model_drafts" in stats else None
+def _model_draft_tokens(llm) -> int | None:
+    """Tokens a model has drafted so far where the proposer mixes lookups and a model (auto), else None."""
+    return llm.engine.spec.stats().get("model_draft_tokens") if llm.engine.spec is not None else None
 
 
-def _paid_draft_cost(llm, sources_before: tuple[int, int] | None) -> float:
-    """The controller's measured cost of drafting one token over a plain step, 0 for lookup drafts;
-    for auto, scaled by the share of this run's drafts that a model made."""
+def _paid_draft_cost(llm, model_tokens_before: int | None, drafted: int) -> float:
+    """c x the run's drafted tokens that cost a drafting pass: the controller's measured cost of
+    drafting one token over a plain step; lookups cost nothing, and of auto's drafts only the
+    model's tokens count."""
     spec = llm.engine.spec
     if spec is None or spec.proposer.free_to_draft:
         return 0.0
     ratio = spec.stats()["draft_cost_ratio"]
-    now = _draft_sources(llm)
-    if now is None or sources_before is None:
-        return ratio
-    lookups, models = now[0] - sources_before[0], now[1] - sources_before[1]
-    return ratio * models / (lookups + models) if lookups + models else ratio
+    now = _model_draft_tokens(llm)
+    paid = drafted if now is None or model_tokens_before is None else now - model_tokens_before
+    return ratio * paid
 
 
 def _time_paired(llm, plain_llm, prompts, params, repeats) -> tuple[dict, float]:
@@ -181,7 +182,8 @@ def _time_paired(llm, plain_llm, prompts, params, repeats) -> tuple[dict, float]
     result["tok/s"] = median([m["tok/s"] for m, _ in pairs])
     result["plain tok/s"] = median([p["tok/s"] for _, p in pairs])
     result["decode speedup"] = median([m["decode tok/s"] / p["decode tok/s"] for m, p in pairs])
-    result["seed-formula speedup"] = median([m["seed-formula speedup"] for m, _ in pairs])
+    for key in ("seed-formula speedup", "mean K", "steps drafted"):
+        result[key] = median([m[key] for m, _ in pairs])
     return result, median(ratios)
 
 
@@ -219,10 +221,10 @@ def run(args: argparse.Namespace) -> dict:
                 if temp == 0 and method != "plain":
                     row["greedy output = plain"] = r["outputs"] == plain_out[f"{task}|{temp}"]
                 rows.append(row)
+        if llm.engine.spec is not None:  # the tasks' record, before the batch study adds to it
+            rows[-1]["controller"] = json.dumps(llm.engine.spec.stats(), default=str)[:200]
         if method != "plain":
             batch_rows += _batch_study(llm, plain_llm, rows[-1]["method"], args)
-        if llm.engine.spec is not None:
-            rows[-1]["controller"] = json.dumps(llm.engine.spec.stats(), default=str)[:200]
         if llm is not plain_llm:
             del llm
     if not args.no_transformers:
@@ -278,7 +280,7 @@ def _batch_study(llm, plain_llm, method, args) -> list[dict]:
     for b in [int(x) for x in args.batches.split(",") if x]:
         prompts = (grounded * (b // len(grounded) + 1))[:b]
         r, speedup = _time_paired(llm, plain_llm, prompts, params, args.repeats)
-        out += [{"method": "plain", "batch": b, "tok/s": r["plain tok/s"]},
+        out += [{"method": f"plain (vs {method})", "batch": b, "tok/s": r["plain tok/s"]},
                 {"method": method, "batch": b, "tok/s": r["tok/s"], "speedup": speedup, "mean K": r["mean K"],
                  "steps drafted": r["steps drafted"]}]
     return out

@@ -1,15 +1,15 @@
 // CPU kernels for the decode step, where PyTorch's general kernels leave speed on the table:
 //  - int8_linear: y = x @ (q * scale)^T. On AMX CPUs the weights, re-laid once as AMX tiles
 //    (amx_pack), multiply two int8 limbs of each activation row on the tile unit (int8 x int8,
-//    exact int32 sums); elsewhere an AVX-512 GEMV streams each int8 weight row once for all rows
-//    of x (memory speed).
+//    exact int32 sums); elsewhere an AVX-512 or AVX2 GEMV streams each int8 weight row once for all
+//    rows of x (memory speed).
 //  - paged_attention: attention of every sequence of a step in one call, reading its K/V straight
 //    from the flat slot arrays (no gather copy, no per-sequence kernel launch).
 //  - FusedDecoder: a whole decode / verification step of the decoder layers in one call.
 //  - rms_norm, swiglu: row-wise ops of the op-by-op (prefill) path.
 //  - ngram_match: prompt lookup's search for the longest latest match of the text's last tokens.
-// Built on first use with -march=native (torch.utils.cpp_extension); AVX-512 / AMX paths where the
-// CPU has them, plain loops (auto-vectorised) otherwise.
+// Built on first use with -march=native (torch.utils.cpp_extension); AVX-512 / AMX / AVX2 paths
+// where the CPU has them, plain loops (auto-vectorised) otherwise.
 #include <ATen/Parallel.h>
 #include <pybind11/numpy.h>
 #include <torch/extension.h>
@@ -24,8 +24,10 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define SPECACHE_AVX512 1
 #endif
 
@@ -92,7 +94,6 @@ inline void dot_tile(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, 
     for (int m = 0; m < M; ++m) out[m * ldo + r] = _mm512_reduce_add_ps(acc[r][m]) * scale[r];
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 #define SPECACHE_AVX2 1
 
 inline __m256 load_int8x8(const int8_t* p) {
@@ -187,9 +188,10 @@ constexpr int64_t kXRowsPerPass = 6;
 constexpr int64_t kXRowsPerPass = kMaxXRows;
 #endif
 
-constexpr auto kRowTiles = row_tiles(std::make_index_sequence<kMaxXRows>());  // kRowTiles[M - 1]
+// kRowTiles[M - 1] for the 1 .. kXRowsPerPass activation rows a pass can take
+constexpr auto kRowTiles = row_tiles(std::make_index_sequence<kXRowsPerPass>());
 
-// Rows row_begin .. row_end of y = x @ w^T; the activation rows go in groups of kMaxXRows inside
+// Rows row_begin .. row_end of y = x @ w^T; the activation rows go in groups of kXRowsPerPass inside
 // each weight tile, so a tile is read from memory once and from L1 by the later groups.
 void rows_any(const int8_t* w, int64_t k, const float* x, int64_t m_rows, float* y, int64_t n,
               const float* scale, int64_t row_begin, int64_t row_end) {

@@ -134,7 +134,7 @@ class Projection:
     int8: weight-only int8, one scale per output row. Where the native kernels are built:
       on AMX CPUs a second copy of the weights in AMX tile order (``packed``, the same size
       again) for every row count (activations as two int8 limbs, ~16 significant bits),
-      elsewhere an AVX-512 GEMV; without them PyTorch's CPU int8-weight kernel (bf16
+      elsewhere an AVX-512 or AVX2 GEMV; without them PyTorch's CPU int8-weight kernel (bf16
       activations). 2-3x faster than fp32 for 1-8 rows.
     hybrid: both copies; int8 up to ``int8_max_rows`` rows (decode), dense above (prefill). The
       switch point depends on the CPU and the kernels (64 rows with AMX here, 8 with PyTorch's
@@ -198,7 +198,8 @@ def _over_layers(method, column: list[Projection], x: torch.Tensor):
 @torch.inference_mode()
 def calibrate_int8_max_rows(column: list[Projection], dtype: torch.dtype, device) -> int:
     """The largest row count (of CALIBRATION_ROWS) up to which the int8 kernel is at least as fast
-    as the dense GEMM on this machine, for one projection shape; a few ms at load. INT8_ALWAYS when
+    as the dense GEMM on this machine, for one projection shape (tens of ms at load on AVX-512 / AMX
+    CPUs, seconds where the dense bf16 GEMM is a slow path). INT8_ALWAYS when
     int8 is also PREFILL_INT8_MIN_SPEEDUP times as fast at PREFILL_CALIBRATION_ROWS (then prefill
     chunks take it too).
 

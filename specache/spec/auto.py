@@ -33,6 +33,7 @@ class AutoProposer(Proposer):
         self._model_at: dict[int, int] = {}
         self.lookup_drafts = 0  # drafts made by each source (reported in the decoder's stats)
         self.model_drafts = 0
+        self.model_draft_tokens = 0  # tokens the model drafted: what its drafting cost scales with
 
     def _lookup(self, seq_id: int, token_ids: list[int]) -> list[int]:
         return self.lookup.match(seq_id, token_ids)[0]
@@ -67,6 +68,7 @@ class AutoProposer(Proposer):
         if misses:
             for i, d in zip(misses, self.model_drafter.propose([requests[i] for i in misses]), strict=True):
                 drafts[i] = d
+                self.model_draft_tokens += len(d.tokens)
             self.model_drafts += len(misses)
         return drafts
 

@@ -387,5 +387,6 @@ class SpecDecoder:
             self.controller.release(self._key(seq.seq_id, free))
 
     def stats(self) -> dict:
-        sources = {k: getattr(self.proposer, k) for k in ("lookup_drafts", "model_drafts") if hasattr(self.proposer, k)}
+        sources = {k: getattr(self.proposer, k) for k in ("lookup_drafts", "model_drafts", "model_draft_tokens")
+                   if hasattr(self.proposer, k)}
         return {"method": self.method, **self.controller.stats(), **sources}
