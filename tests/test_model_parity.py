@@ -160,7 +160,7 @@ def test_int8_and_hybrid_weights_stay_close_to_dense_and_hybrid_prefill_is_exact
     for fmt in ("int8", "hybrid"):
         model = LlamaModel(loaded.config, loaded.weights, weight_format=fmt)
         if fmt == "hybrid":
-            for proj in [model.lm_head] + [p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]:
+            for proj in _projections(model):
                 proj.int8_max_rows = 64
         quant, _ = _prefill_then_decode(model, prompt, 8, forced=tokens)
         assert all(row.dtype == torch.float32 for row in quant)  # int8 weights keep fp32 activations
@@ -170,13 +170,31 @@ def test_int8_and_hybrid_weights_stay_close_to_dense_and_hybrid_prefill_is_exact
     assert prefill_error["hybrid"] < prefill_error["int8"]
 
 
+def _projections(model: LlamaModel) -> list:
+    return [model.lm_head] + [p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+
+
+def test_hybrid_calibrated_for_int8_everywhere_prefills_exactly_as_int8(tiny_model_dir):
+    """Where calibration keeps int8 for every row count (CPUs whose bf16 GEMM is a slow path), a
+    hybrid model's prefill runs the int8 weights: its logits are the int8 model's, bit for bit."""
+    from specache.models.llama import INT8_ALWAYS
+
+    loaded = load_model(str(tiny_model_dir))
+    prompt = torch.randint(0, 49152, (70,), generator=torch.Generator().manual_seed(4)).tolist()
+    int8, tokens = _prefill_then_decode(LlamaModel(loaded.config, loaded.weights, weight_format="int8"), prompt, 3)
+    hybrid = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
+    for proj in _projections(hybrid):
+        proj.int8_max_rows = INT8_ALWAYS
+    got, _ = _prefill_then_decode(hybrid, prompt, 3, forced=tokens)
+    assert all(torch.equal(g, i) for g, i in zip(got, int8, strict=True))
+
+
 def test_hybrid_calibration_picks_a_switch_point_per_projection(tiny_model_dir):
     from specache.models.llama import CALIBRATION_ROWS, INT8_ALWAYS
 
     loaded = load_model(str(tiny_model_dir))
     model = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
-    projections = [model.lm_head] + [p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]
-    assert all(p.int8_max_rows in (0, *CALIBRATION_ROWS, INT8_ALWAYS) for p in projections)
+    assert all(p.int8_max_rows in (0, *CALIBRATION_ROWS, INT8_ALWAYS) for p in _projections(model))
     # every layer shares the measurement of its shape
     assert len({lw.gate_up.int8_max_rows for lw in model.layers}) == 1
 
