@@ -150,7 +150,7 @@ def seed_formula_speedup(tokens: int, passes: int, draft_cost: float) -> float:
 
 def _model_draft_tokens(llm) -> int | None:
     """Tokens a model has drafted so far where the proposer mixes lookups and a model (auto), else None."""
-    return llm.engine.spec.stats().get("model_draft_tokens") if llm.engine.spec is not None else None
+    return getattr(llm.engine.spec.proposer, "model_draft_tokens", None) if llm.engine.spec is not None else None
 
 
 def _paid_draft_cost(llm, model_tokens_before: int | None, drafted: int) -> float:
@@ -161,8 +161,8 @@ def _paid_draft_cost(llm, model_tokens_before: int | None, drafted: int) -> floa
     if spec is None or spec.proposer.free_to_draft:
         return 0.0
     ratio = spec.stats()["draft_cost_ratio"]
-    now = _model_draft_tokens(llm)
-    paid = drafted if now is None or model_tokens_before is None else now - model_tokens_before
+    now = _model_draft_tokens(llm)  # None for a proposer that only drafts with a model
+    paid = drafted if now is None else now - model_tokens_before
     return ratio * paid
 
 
