@@ -164,9 +164,9 @@ def test_without_native_kernels_the_model_falls_back_to_pytorch(tiny_model_dir, 
 
 
 def _packed_or_skip(native, q: torch.Tensor) -> torch.Tensor:
-    packed = native.amx_pack(q)
+    packed = native.tile_pack(q)
     if packed.numel() == 0:
-        pytest.skip("this CPU has no AMX-INT8")
+        pytest.skip("this CPU has neither AMX-INT8 nor AVX512-VNNI")
     return packed
 
 
@@ -177,20 +177,20 @@ def _limb_bound(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return row_err * (q.double().abs() * scale.double()[:, None]).sum(dim=1)[None, :] + 1e-5
 
 
-def test_amx_path_matches_float64_and_is_batch_invariant(native):
-    """With a packed copy every row count runs on AMX (int8 weights x two int8 limbs of each
-    activation row), within the limbs' error bound of float64, and a row's result is bit-for-bit
-    the same whatever its batch (greedy spec == plain on int8 weights)."""
+def test_tile_path_matches_float64_and_is_batch_invariant(native):
+    """With a packed copy every row count runs on AMX or AVX512-VNNI (int8 weights x two int8 limbs
+    of each activation row), within the limbs' error bound of float64, and a row's result is
+    bit-for-bit the same whatever its batch (greedy spec == plain on int8 weights)."""
     torch.manual_seed(7)
     x = torch.randn(40, 576)
     x[3] = 0.0  # an all-zero row
     x[5, 7] = 40.0  # an outlier: the limbs scale per row
-    for n in (16, 80, 96, 112):  # 1, 5, 6, 7 output blocks: odd pair tails
+    for n in (16, 80, 96, 112):  # 1, 5, 6, 7 output blocks: odd AMX pairs, partial VNNI groups
         q, scale = _quantize(torch.randn(n, 576))
         packed = _packed_or_skip(native, q)
         expected = x.double() @ (q.double() * scale.double()[:, None]).t()
         bound = _limb_bound(x, q, scale)
-        for rows in (1, 4, 5, 16, 17, 40):  # one and several 16-row tiles
+        for rows in (1, 2, 3, 4, 5, 8, 9, 16, 17, 40):  # every VNNI pass shape; several 16-row AMX tiles
             got = native.int8_linear(x[:rows], q, scale, packed)
             assert ((got.double() - expected[:rows]).abs() <= bound[:rows]).all()
         assert torch.equal(native.int8_linear(x[3:4], q, scale, packed), torch.zeros(1, n))
@@ -204,10 +204,10 @@ def test_amx_path_matches_float64_and_is_batch_invariant(native):
         assert torch.equal(native.int8_linear(x.roll(-i, 0)[:5], q, scale, packed)[0], together[i])
 
 
-def test_amx_prefill_sized_path_matches_and_agrees_with_the_decode_path(native):
-    """Above 64 rows the work goes in units of 512 rows x 256 outputs: every 16-row tail, an odd
-    output-block count and a second unit in both directions, fp32 and bf16 activations. A row's
-    result is still bit-for-bit the one-row (decode) result."""
+def test_tile_prefill_sized_path_matches_and_agrees_with_the_decode_path(native):
+    """Prefill-sized row counts (on AMX above 64 rows the work goes in units of 512 rows x 256
+    outputs: every 16-row tail, an odd output-block count and a second unit in both directions),
+    fp32 and bf16 activations. A row's result is still bit-for-bit the one-row (decode) result."""
     torch.manual_seed(8)
     x = torch.randn(600, 576)
     for n in (48, 272):  # 3 output blocks; 17 blocks = two column units, the last one odd
@@ -239,9 +239,9 @@ def test_argmax_rows_matches_torch_including_ties_and_tails(native):
         native.argmax_rows(torch.randn(2, 3).bfloat16())
 
 
-def test_amx_pack_leaves_untileable_shapes_alone(native):
+def test_tile_pack_leaves_untileable_shapes_alone(native):
     q, _ = _quantize(torch.randn(24, 40))  # N % 16 and K % 64 both off
-    assert native.amx_pack(q).numel() == 0
+    assert native.tile_pack(q).numel() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -394,7 +394,7 @@ def test_attention_rows_do_not_depend_on_the_rows_beside_them(native, cache_dtyp
 
 def test_int8_linear_takes_zero_rows(native):
     q, scale = _quantize(torch.randn(64, 576))
-    packed = native.amx_pack(q)
+    packed = native.tile_pack(q)
     for x in (torch.randn(0, 576), torch.randn(0, 576).bfloat16()):
         y = native.int8_linear(x, q, scale, packed)
         assert y.shape == (0, 64) and y.dtype == x.dtype

@@ -132,10 +132,10 @@ class Projection:
       F.linear on CPU), bf16 as [out, in] for F.linear (on AVX2 CPUs a bf16 ``x @ W_t`` takes a
       slow path: 170 ms instead of 3 ms for the LM head).
     int8: weight-only int8, one scale per output row. Where the native kernels are built:
-      on AMX CPUs a second copy of the weights in AMX tile order (``packed``, the same size
-      again) for every row count (activations as two int8 limbs, ~16 significant bits),
-      elsewhere an AVX-512 or AVX2 GEMV; without them PyTorch's CPU int8-weight kernel (bf16
-      activations). 2-3x faster than fp32 for 1-8 rows.
+      on AMX and AVX512-VNNI CPUs a second copy of the weights in tile order (``packed``, the
+      same size again) for every row count (activations as two int8 limbs, ~16 significant
+      bits), elsewhere an AVX-512 or AVX2 GEMV; without them PyTorch's CPU int8-weight kernel
+      (bf16 activations). 2-3x faster than fp32 for 1-8 rows.
     hybrid: both copies; int8 up to ``int8_max_rows`` rows (decode), dense above (prefill). The
       switch point depends on the CPU and the kernels (64 rows with AMX here, 8 with PyTorch's
       kernel on AVX512-BF16; on AVX2 the native int8 kernel beats the slow bf16 GEMM at every row
@@ -160,8 +160,8 @@ class Projection:
             self.scales = scales.to(torch.bfloat16)
             self.scales_f32 = scales.contiguous()
             self.native = kernels.load() if self.q.device.type == "cpu" else None
-            if self.native is not None:  # AMX tile layout for multi-row steps (empty without AMX)
-                self.packed = self.native.amx_pack(self.q)
+            if self.native is not None:  # the tile layout of the AMX / VNNI paths (empty without them)
+                self.packed = self.native.tile_pack(self.q)
             if weight_format == "int8":
                 self.int8_max_rows = INT8_ALWAYS
 
