@@ -174,6 +174,31 @@ def _projections(model: LlamaModel) -> list:
     return [model.lm_head] + [p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]
 
 
+def test_hybrid_verification_step_gets_each_rows_decode_logits(tiny_model_dir, monkeypatch):
+    """A step on the fused int8 layers takes the int8 LM head whatever the head's own calibration
+    (forced to 8 rows here): a 17-row step (K = 16 drafts) gives, row for row, the logits of
+    decoding those tokens one at a time, so greedy speculation equals plain decoding on hybrid."""
+    from specache.models import llama
+
+    if llama.kernels.load() is None:
+        pytest.skip("the fused int8 path needs the native kernels")
+    monkeypatch.setattr(llama, "calibrate_int8_max_rows", lambda *args: 8)
+    loaded = load_model(str(tiny_model_dir))
+    model = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
+    assert model.lm_head.int8_max_rows >= model.fused_max_rows >= 17
+    prompt = torch.randint(0, 49152, (20,), generator=torch.Generator().manual_seed(5)).tolist()
+    decoded, tokens = _prefill_then_decode(model, prompt, 17)
+    c = model.config
+    pool = BlockPool(64, BLOCK)
+    runner = ModelRunner(model, KVCache(c.num_layers, 64, BLOCK, c.num_kv_heads, c.head_dim))
+    seq = _seq(0, prompt)
+    _grow(pool, seq, len(prompt) + 17)
+    runner.run([BatchItem(seq, prompt, 0, 1)])
+    verified = runner.run([BatchItem(seq, [int(decoded[0].argmax())] + tokens[1:17], len(prompt), 17)])[0]
+    for i in range(17):
+        assert torch.equal(verified[i], decoded[i + 1])
+
+
 def test_hybrid_calibrated_for_int8_everywhere_prefills_exactly_as_int8(tiny_model_dir):
     """Where calibration keeps int8 for every row count (CPUs whose bf16 GEMM is a slow path), a
     hybrid model's prefill runs the int8 weights: its logits are the int8 model's, bit for bit."""

@@ -465,7 +465,7 @@ void amx_gemm(const int8_t* packed, const float* scale, const In* x, int64_t m, 
 namespace {
 
 constexpr int64_t kVnniGroup = 4;  // blocks of 16 outputs per interleaved group (and per task)
-constexpr int64_t kVnniRowsPerPass = 8;  // activation rows per pass over a group's weights
+constexpr int64_t kVnniRowsPerPass = 4;  // activation rows per pass over a group's weights
 constexpr int64_t kVnniPrefetch = 16;  // quad rows ahead
 
 // Blocks per pass for M activation rows (a divisor of kVnniGroup): 2 * B * M int32 accumulators
