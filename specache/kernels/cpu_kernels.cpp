@@ -475,6 +475,14 @@ constexpr int vnni_blocks() {
   return M <= 3 ? 4 : M <= 4 ? 2 : 1;
 }
 
+// acc + VPDPBUSD(u8, s8), accumulated in acc's register. With the intrinsic GCC 12 kept every
+// accumulator in two registers, copying it there and back around each instruction (two moves per
+// product instruction, some on the stack): 4-5 G instructions/s per core against 7.7 here.
+inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
 // Rows m0 .. m0 + M of blocks first .. first + B of a group of `width` blocks at `group`, outputs
 // from column col0 (the group's first output).
 template <int B, int M, typename Out>
@@ -502,8 +510,8 @@ inline void vnni_pass(const int8_t* group, int64_t width, int64_t first, const f
       const __m512i h = _mm512_set1_epi32(hi[m * quads + j]), l = _mm512_set1_epi32(lo[m * quads + j]);
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) {
-        acc_hi[b][m] = _mm512_dpbusd_epi32(acc_hi[b][m], wv[b], h);
-        acc_lo[b][m] = _mm512_dpbusd_epi32(acc_lo[b][m], wv[b], l);
+        acc_hi[b][m] = dpbusd(acc_hi[b][m], wv[b], h);
+        acc_lo[b][m] = dpbusd(acc_lo[b][m], wv[b], l);
       }
     }
   }
