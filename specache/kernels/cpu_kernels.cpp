@@ -31,12 +31,6 @@
 #define SPECACHE_AVX512 1
 #endif
 
-
-
-
-
-
-
 namespace {
 
 constexpr int64_t kRowTile = 8;  // weight rows per task unit (read once for all rows of x)
@@ -253,7 +247,7 @@ inline void dot_tile(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, 
 template <int M>
 constexpr int tile_rows() {
 #ifdef SPECACHE_AVX2
-  return M <= 3 ? 4 : M <= 4 ? 2 : 1;
+  return M == 1 ? 8 : M <= 3 ? 4 : M <= 6 ? 2 : 1;
 #else
   return M == 1 ? 8 : M <= 4 ? 4 : M <= 8 ? 2 : 1;
 #endif
@@ -453,12 +447,11 @@ void amx_gemm(const int8_t* packed, const float* scale, const In* x, int64_t m, 
 // the products when K is 576), and one weight load serves every activation row of a pass. A group
 // of up to 4 blocks of 16 outputs interleaves its quads ([K/4][blocks][64 bytes]), so a pass over
 // its blocks reads one sequential stream (separate streams per block, 16 * K bytes apart, left a
-// one-row decode step 10-30% slower than the fp32 GEMV; 8-block groups, 1-4-row steps). Measured
-// on an AMD EPYC with AVX512-VNNI (2 cores), int8 projections of SmolLM2-135M's 30 layers against
-// the fp32 GEMV: 1 row 3.2 vs 3.4 ms, 4 rows 4.0 vs 4.3, 8 rows 6.4 vs 7.9, 17 rows 10.5-15 vs
-// 22-24. The weights (signed) are the unsigned
-// operand, stored biased by 128 (the sign bit flipped); sum((w + 128) * x) - 128 * sum(x) takes
-// the bias out again, exactly. Integer sums are exact in any order and combine_limbs makes the
+// one-row decode step 10-30% slower than the fp32 GEMV; so did 8-block groups at 1-4 rows).
+// Measured on an AMD EPYC with AVX512-VNNI (2 cores), int8 projections of SmolLM2-135M's 30
+// layers against the fp32 GEMV: 1 row 3.2 vs 3.6 ms, 4 rows 4.0 vs 5.5, 8 rows 5.5 vs 9.7, 17 rows
+// 10.0 vs 27.7 (README). The weights (signed) are the unsigned operand, stored biased by 128 (the
+// sign bit flipped); sum((w + 128) * x) - 128 * sum(x) takes the bias out again, exactly. Integer sums are exact in any order and combine_limbs makes the
 // outputs, so a row's result is bit for bit the same in any batch (greedy spec == plain).
 #if defined(SPECACHE_AVX512) && defined(__AVX512VNNI__)
 #define SPECACHE_VNNI 1
@@ -547,7 +540,7 @@ constexpr std::array<VnniPassFn<Out>, sizeof...(Ms)> vnni_passes(std::index_sequ
 }
 
 // y[M, N] = x[M, K] @ (w * scale)^T from vnni_pack's layout, any M; x fp32 or bf16, y fp32 or
-// bf16. A task is a group (128 outputs, whose weights stay in L2 while the row groups pass).
+// bf16. A task is a group (64 outputs, whose weights stay in L2 while the row groups pass).
 template <typename In, typename Out>
 void vnni_gemm(const int8_t* packed, const float* scale, const In* x, int64_t m, int64_t k, int64_t n, Out* y) {
   if (m == 0) return;
@@ -564,7 +557,7 @@ void vnni_gemm(const int8_t* packed, const float* scale, const In* x, int64_t m,
   });
 }
 
-// q [N, K] (N % 16 == 0, K % 4 == 0) in vnni_gemm's layout: per group of up to 8 blocks of 16
+// q [N, K] (N % 16 == 0, K % 4 == 0) in vnni_gemm's layout: per group of up to 4 blocks of 16
 // rows, [K/4 quads][blocks][16 outputs][4 inputs], each byte biased by 128.
 torch::Tensor vnni_pack(const torch::Tensor& q) {
   const int64_t n = q.size(0), k = q.size(1);
