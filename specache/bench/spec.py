@@ -160,7 +160,7 @@ def _paid_draft_cost(llm, model_tokens_before: int | None, drafted: int) -> floa
     spec = llm.engine.spec
     if spec is None or spec.proposer.free_to_draft:
         return 0.0
-    ratio = spec.stats()["draft_cost_ratio"]
+    ratio = spec.controller.draft_cost_ratio()
     now = _model_draft_tokens(llm)  # None for a proposer that only drafts with a model
     paid = drafted if now is None else now - model_tokens_before
     return ratio * paid

@@ -105,7 +105,7 @@ struct Limbs {
   std::vector<int32_t> sum_hi, sum_lo;
 };
 
-// The limbs of one row of k (a multiple of 64) values.
+// The limbs of one row of k (a multiple of 16) values.
 template <typename In>
 void split_row(const In* x, int64_t k, int8_t* hi, int8_t* lo, float* s1, float* s2, int32_t* sum_hi,
                int32_t* sum_lo) {
@@ -615,17 +615,14 @@ bool tiles_on_amx() {
 torch::Tensor tile_pack(const torch::Tensor& q) {
 #ifdef SPECACHE_TILED
   const int64_t n = q.size(0), k = q.size(1);
+  if (n % kTileN == 0 && k % kTileK == 0) {
+    if (tiles_on_amx()) {
+      // [N/16, 16, K/64, 16 quads, 4] -> [N/16, K/64, 16 quads, 16 outputs, 4]
+      return q.contiguous().view({n / kTileN, kTileN, k / kTileK, kTileK / 4, 4}).permute({0, 2, 3, 1, 4}).contiguous();
+    }
 #ifdef SPECACHE_VNNI
-  const bool available = true;
-#else
-  const bool available = tiles_on_amx();
+    return vnni_pack(q.contiguous());
 #endif
-  if (available && n % kTileN == 0 && k % kTileK == 0) {
-#ifdef SPECACHE_VNNI
-    if (!tiles_on_amx()) return vnni_pack(q.contiguous());
-#endif
-    // [N/16, 16, K/64, 16 quads, 4] -> [N/16, K/64, 16 quads, 16 outputs, 4]
-    return q.contiguous().view({n / kTileN, kTileN, k / kTileK, kTileK / 4, 4}).permute({0, 2, 3, 1, 4}).contiguous();
   }
 #endif
   return torch::empty({0}, q.options());

@@ -627,12 +627,15 @@ class SpecController:
 
     # ------------------------------------------------------------------ reporting
 
+    def draft_cost_ratio(self) -> float:
+        """c of the seed speedup formula: drafting one token over one plain step (batch 1)."""
+        return (self._step_without_attention(1, 1) - self._verify_cost(1, 1)) / self._step_without_attention(0, 1)
+
     def stats(self) -> dict:
         drafts = self.drafts
         rate = self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
         mean_k = self.draft_tokens / drafts if drafts else 0.0
-        # c = drafting one token / one plain step (batch 1), as in the seed speedup formula
-        ratio = (self._step_without_attention(1, 1) - self._verify_cost(1, 1)) / self._step_without_attention(0, 1)
+        ratio = self.draft_cost_ratio()
         alpha = self.alpha()
         return {
             "drafts": drafts,
