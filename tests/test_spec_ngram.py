@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from specache.config import MAX_SPEC_TOKENS
 from specache.sampling import SamplingParams
 from specache.spec.base import Draft, DraftRequest
-from specache.spec.ngram import NgramProposer, lookup
+from specache.spec.ngram import NgramProposer, lookup, lookup_with_length
 
 P = SamplingParams(temperature=0)
 
@@ -95,6 +96,24 @@ def test_incremental_history_follows_growth_and_rebuilds_on_a_new_text():
     assert propose([6, 6, 1, 2], 2, proposer, seq_id=7) == []
     proposer.release(7)
     assert 7 not in proposer._histories
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=60), st.lists(st.integers(1, 3), max_size=30))
+def test_incremental_lookups_agree_with_fresh_ones_and_cut_drafts_only_when_asked(tokens, steps):
+    """One token or several per step, as decoding and accepted drafts grow the text: the kept
+    history, the match length asked every step and the draft cut on demand equal a fresh lookup."""
+    proposer = NgramProposer(max_ngram=4)
+    seen, ends = 1, set()
+    for grow in [0, *steps]:
+        seen = min(len(tokens), seen + grow)
+        text = tokens[:seen]
+        fresh, length = lookup_with_length(np.asarray(text, dtype=np.int32), MAX_SPEC_TOKENS, 4, 1)
+        assert proposer.match_length(0, text) == length
+        if seen not in ends:  # a new text: the length alone leaves the draft uncut
+            assert proposer._matches[0][4] is None
+        ends.add(seen)
+        assert proposer.match(0, text) == (fresh, length)
 
 
 def brute_force(tokens: list[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:
