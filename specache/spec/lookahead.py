@@ -44,7 +44,9 @@ class LookaheadProposer(Proposer):
             cont = tuple(tokens[i + 1: i + self.ngram])
             if not cont:
                 continue
-            bucket = st.pool.setdefault(tokens[i], OrderedDict())
+            bucket = st.pool.get(tokens[i])
+            if bucket is None:
+                bucket = st.pool[tokens[i]] = OrderedDict()
             bucket.pop(cont, None)
             bucket[cont] = None  # most recent last
             while len(bucket) > self.pool_per_key:
@@ -53,7 +55,9 @@ class LookaheadProposer(Proposer):
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         drafts = []
         for r in requests:
-            st = self.states.setdefault(r.seq_id, _State())
+            st = self.states.get(r.seq_id)
+            if st is None:
+                st = self.states[r.seq_id] = _State()
             # Harvest the tail of the real text (prompt + output) so repeats are found too.
             tail = r.token_ids[max(0, st.harvested - self.ngram):]
             self._add(st, tail)

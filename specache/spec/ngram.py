@@ -133,7 +133,10 @@ class NgramProposer(Proposer):
     def _lookup(self, seq_id: int, token_ids: list[int]) -> list:
         cached = self._matches.get(seq_id)
         if cached is None or cached[0] != len(token_ids) or cached[1] != token_ids[-1]:
-            tokens = self._histories.setdefault(seq_id, _History()).sync(token_ids)
+            history = self._histories.get(seq_id)
+            if history is None:
+                history = self._histories[seq_id] = _History()
+            tokens = history.sync(token_ids)
             end, n = find_match(tokens, self.max_ngram, self.min_ngram)
             cached = self._matches[seq_id] = [len(token_ids), token_ids[-1], end, n, None]
         return cached
