@@ -8,7 +8,14 @@ import random
 
 import pytest
 
-from specache.spec.controller import DraftSlot, SpecController, _without_spikes, expected_speedup, expected_tokens
+from specache.spec.controller import (
+    QUIET_PLAN_STEPS,
+    DraftSlot,
+    SpecController,
+    _without_spikes,
+    expected_speedup,
+    expected_tokens,
+)
 
 # A memory-bound target: a pass over up to 64 tokens costs about the same as over 1 (CPU decode).
 MEMORY_BOUND = {1: 0.020, 8: 0.021, 32: 0.024, 64: 0.030}
@@ -460,3 +467,37 @@ def test_a_kind_that_fails_everywhere_is_off_for_a_new_sequence():
             c.record(99, ks[-1][0], 0, kind=1)  # its probe fails
     assert all(k[1] > 0 for k in ks)
     assert sum(k[0] > 0 for k in ks) <= 1 and c.is_off_for_acceptance(99, kind=1)  # at most its first probe
+
+
+def test_a_plan_that_drafted_nothing_stands_until_an_acceptance_rises():
+    """A step plan that drafted nothing is reused without planning while no slot's acceptance rose,
+    for at most QUIET_PLAN_STEPS steps; a rise plans afresh (and here drafts)."""
+    c = SpecController(max_k=4, probe_every=1000)
+    c.calibrate({1: 0.010, 2: 0.010, 4: 0.0155, 64: 0.3})  # 4 rows 1.55x 2: pays from alpha ~0.63
+    slots = [DraftSlot(1, None, True, 0), DraftSlot(2, None, True, 0)]
+    for key in (1, 2):
+        for _ in range(10):
+            c.record(key, 2, 1)  # alpha 0.5
+    sizes, real = [], c._plan_ks
+
+    def counting(alphas, *args, **kwargs):
+        sizes.append(len(alphas))
+        return real(alphas, *args, **kwargs)
+
+    c._plan_ks = counting
+
+    def step_plans() -> int:
+        return sizes.count(2)  # the single-slot plans are good_drafts_pay's
+
+    assert c.plan(slots) == [0, 0] and step_plans() == 1
+    for _ in range(QUIET_PLAN_STEPS):
+        assert c.plan(slots) == [0, 0]
+    assert step_plans() == 1
+    assert c.plan(slots) == [0, 0] and step_plans() == 2  # planned afresh after QUIET_PLAN_STEPS
+    c.record(2, 2, 0)  # a fall: still nothing to plan
+    assert c.plan(slots) == [0, 0] and step_plans() == 2
+    assert c.plan(slots, undrafted_contexts=[0]) == [0, 0] and step_plans() == 3  # another batch
+    assert c.plan(slots, undrafted_contexts=[0]) == [0, 0] and step_plans() == 3
+    for _ in range(5):
+        c.record(1, 4, 4)
+    assert c.plan(slots, undrafted_contexts=[0])[0] > 0 and step_plans() == 4
