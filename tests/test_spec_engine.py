@@ -280,6 +280,33 @@ def test_lookahead_checks_its_pool_drafts_in_the_shadow_while_switched_off(tiny_
     assert outputs == [o.token_ids for o in plain.generate(prompts, GREEDY)]
 
 
+def test_lookahead_labels_pool_drafts_and_jacobi_guesses_apart():
+    """The draft's kind says where propose will take it from: the pool's n-gram after the last
+    token, else the Jacobi guess kept from the last verification, else nothing to draft."""
+    from specache.spec.base import NOTHING_TO_DRAFT, DraftRequest
+    from specache.spec.lookahead import JACOBI_DRAFT, POOL_DRAFT, LookaheadProposer
+
+    proposer = LookaheadProposer(ngram=3)
+    text = [5, 6, 7, 8, 5]  # "5" was followed by "6 7": a pool hit
+    assert proposer.draft_kind(0, text) == POOL_DRAFT
+    assert proposer.propose([DraftRequest(0, text, 4, GREEDY)])[0].tokens[:2] == [6, 7]
+    assert proposer.draft_kind(0, [*text, 9]) == NOTHING_TO_DRAFT  # "9" is new, no guess yet
+    proposer.observe(0, [1, 2], [9, 3, 4], 0)  # draft [1, 2] rejected; the target went on 9 -> 3, 4
+    text += [9, 11]
+    assert proposer.draft_kind(0, text) == JACOBI_DRAFT
+    assert proposer.propose([DraftRequest(0, text, 4, GREEDY)])[0].tokens == [3, 4]
+
+
+def test_lookahead_keeps_an_acceptance_record_per_draft_source(tiny_model_dir):
+    """Pool drafts and Jacobi guesses are accepted at different rates: the controller learns each."""
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="lookahead", num_spec_tokens=4)
+    outputs = [o.token_ids for o in llm.generate(_prompts(), GREEDY)]
+    assert set(llm.engine.spec.stats()["alpha_by_kind"]) <= {"pool", "jacobi"}
+    assert llm.engine.spec.stats()["alpha_by_kind"]
+    plain = LLM(model=str(tiny_model_dir), dtype="float32")
+    assert outputs == [o.token_ids for o in plain.generate(_prompts(), GREEDY)]
+
+
 def test_bench_prices_only_model_drafted_tokens(tiny_model_dir):
     """The seed formula's draft cost: lookups are free, and of auto's drafts only the tokens its
     model drafted cost c each."""
