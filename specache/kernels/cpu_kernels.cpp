@@ -294,7 +294,6 @@ void rows_any(const int8_t* w, int64_t k, const float* x, int64_t m_rows, float*
   }
 }
 
-
 }  // namespace
 
 // ---- AMX: int8 weights times int8 "limbs" of the activations on the tile unit ----
@@ -451,8 +450,9 @@ void amx_gemm(const int8_t* packed, const float* scale, const In* x, int64_t m, 
 // Measured on an AMD EPYC with AVX512-VNNI (2 cores), int8 projections of SmolLM2-135M's 30
 // layers against the fp32 GEMV: 1 row 3.2 vs 3.6 ms, 4 rows 4.0 vs 5.5, 8 rows 5.5 vs 9.7, 17 rows
 // 10.0 vs 27.7 (README). The weights (signed) are the unsigned operand, stored biased by 128 (the
-// sign bit flipped); sum((w + 128) * x) - 128 * sum(x) takes the bias out again, exactly. Integer sums are exact in any order and combine_limbs makes the
-// outputs, so a row's result is bit for bit the same in any batch (greedy spec == plain).
+// sign bit flipped); sum((w + 128) * x) - 128 * sum(x) takes the bias out again, exactly. Integer
+// sums are exact in any order and combine_limbs makes the outputs, so a row's result is bit for
+// bit the same in any batch (greedy spec == plain).
 #if defined(SPECACHE_AVX512) && defined(__AVX512VNNI__)
 #define SPECACHE_VNNI 1
 namespace {
@@ -666,7 +666,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
     const auto xc = x.contiguous();
     auto y = torch::empty({x.size(0), q.size(0)}, x.options());
     tiled_gemm(packed->data_ptr<int8_t>(), scale.data_ptr<float>(), xc.data_ptr<at::BFloat16>(), x.size(0), x.size(1),
-             q.size(0), y.data_ptr<at::BFloat16>());
+               q.size(0), y.data_ptr<at::BFloat16>());
     return y;
   }
 #endif
@@ -1385,7 +1385,7 @@ class FusedDecoder {
                int64_t head_dim, double eps)
       : nh_(num_heads), nkv_(num_kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)) {
     TORCH_CHECK(nkv_ > 0 && nh_ % nkv_ == 0 && nh_ / nkv_ <= kMaxGroup, "FusedDecoder: head counts");
-    // Each layer: attn_norm, ffn_norm, qkv_bias (or an empty tensor), then q / scale / AMX-packed q
+    // Each layer: attn_norm, ffn_norm, qkv_bias (or an empty tensor), then q / scale / tile-packed q
     // (tile_pack's result, possibly empty) of qkv, o, gate_up and down.
     for (const auto& t : layers) {
       TORCH_CHECK(t.size() == 15, "FusedDecoder: 15 tensors per layer");
@@ -1709,7 +1709,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("BF16_DOT_PRODUCTS") = false;
 #endif
-
   m.def("amx_attention", &amx_attention_available, "whether bf16-cache prefill attention runs on AMX tiles");
   m.attr("AMX_ATTENTION_MIN_ROWS") = kAmxAttentionMinRows;
   m.def("tile_pack", &tile_pack, "q in the tile layout of the AMX / AVX512-VNNI paths (empty where neither runs)");
