@@ -234,6 +234,15 @@ def test_seed_formula_speedup_counts_tokens_per_pass_and_the_draft_cost():
     assert seed_formula_speedup(tokens, steps, c * k * steps) == pytest.approx(expected_speedup(alpha, k, c))
 
 
+def test_lookup_ceiling_is_the_slowest_sequence_of_the_batch():
+    from specache.bench.spec import lookup_ceiling
+
+    copied = list(range(10, 40))  # copied after the prompt: 2 passes instead of 29 plain steps
+    assert lookup_ceiling([copied], [copied], 16) == pytest.approx(29 / 2)
+    # a batch runs until its slowest member is done: an uncopyable output caps the task at plain
+    assert lookup_ceiling([copied, copied], [copied, list(range(100, 130))], 16) == pytest.approx(1.0)
+
+
 def test_bench_spec_reports_the_seed_formula_and_the_chosen_k_per_batch(tiny_model_dir, tmp_path):
     """`specache bench spec` end to end on a tiny model: every cell has the seed formula's speedup
     next to the measured one, greedy output equals plain, and the batch study reports the K the
@@ -255,13 +264,14 @@ def test_bench_spec_reports_the_seed_formula_and_the_chosen_k_per_batch(tiny_mod
     assert all(r["seed-formula speedup"] >= 1.0 for r in cells if r["method"] == "ngram")
     assert any(r["seed-formula speedup"] > 1.0 for r in cells)
     assert all(r["seed-formula speedup"] > 0.5 for r in cells)
+    assert all(r["lookup ceiling"] >= 1.0 for r in result["rows"] if r["method"] == "plain")
     batch = [r for r in result["batch"] if not r["method"].startswith("plain")]
     assert [(r["method"], r["batch"]) for r in batch] == \
         [("ngram", 1), ("ngram", 4), ("lookahead", 1), ("lookahead", 4)]
     assert all(r["mean K"] >= 0 and 0 <= r["steps drafted"] <= 1 for r in batch)
     assert any(r["mean K"] > 0 for r in batch)
     report = (tmp_path / "out" / "spec.md").read_text()
-    assert "seed-formula speedup" in report and "mean K" in report
+    assert "seed-formula speedup" in report and "mean K" in report and "lookup ceiling" in report
     assert json.loads((tmp_path / "out" / "spec.json").read_text())["batch"]
     assert (tmp_path / "docs" / "spec-speedup.png").exists()
 

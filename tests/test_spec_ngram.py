@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from specache.config import MAX_SPEC_TOKENS
 from specache.sampling import SamplingParams
 from specache.spec.base import Draft, DraftRequest
-from specache.spec.ngram import NgramProposer, lookup, lookup_with_length
+from specache.spec.ngram import NgramProposer, lookup, lookup_with_length, replay_passes
 
 P = SamplingParams(temperature=0)
 
@@ -146,6 +146,22 @@ def test_periodic_extension_extends_the_plain_draft_periodically(tokens, k):
         assert len(extended) == k
         period = len(plain)
         assert all(extended[i] == extended[i - period] for i in range(period, k))
+
+
+def test_replay_counts_the_passes_a_copying_output_needs():
+    prompt = list(range(10, 40))
+    # The prefill's token (10) then 11..26 drafted and accepted with 27 as the bonus; then 28..39.
+    assert replay_passes(prompt, prompt, 16) == 2
+    assert replay_passes(prompt, prompt, 0) == len(prompt) - 1  # no drafts: plain decoding
+    assert replay_passes(prompt, list(range(100, 130)), 16) == 29  # nothing to copy: plain
+
+
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=40), st.lists(st.integers(0, 5), min_size=1, max_size=40),
+       st.integers(0, 8))
+@settings(max_examples=100, deadline=None)
+def test_replay_passes_lie_between_the_full_draft_bound_and_plain(prompt, output, k):
+    passes = replay_passes(prompt, output, k, max_ngram=4)
+    assert -(-(len(output) - 1) // (k + 1)) <= passes <= len(output) - 1
 
 
 def test_draft_kind_is_the_match_length_and_nothing_without_a_match():

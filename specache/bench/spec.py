@@ -148,6 +148,17 @@ def seed_formula_speedup(tokens: int, passes: int, draft_cost: float) -> float:
     return tokens / cost if cost else 1.0
 
 
+def lookup_ceiling(prompts: list[list[int]], outputs: list[list[int]], k: int) -> float:
+    """The most prompt lookup could gain on a task's greedy outputs: the batch's plain decode steps
+    over the passes it would need if every step drafted k tokens and verifying k + 1 tokens cost
+    what decoding one does (replay_passes; the batch runs until its slowest sequence is done)."""
+    from specache.spec.ngram import replay_passes
+
+    plain = max(len(o) - 1 for o in outputs)
+    lookup = max(replay_passes(p, o, k) for p, o in zip(prompts, outputs, strict=True))
+    return plain / lookup if lookup else 1.0
+
+
 def _model_draft_tokens(llm) -> int | None:
     """Tokens a model has drafted so far where the proposer mixes lookups and a model (auto), else None."""
     return getattr(llm.engine.spec.proposer, "model_draft_tokens", None) if llm.engine.spec is not None else None
@@ -220,6 +231,8 @@ def run(args: argparse.Namespace) -> dict:
                        "mean accepted length": r["mean accepted length"]}
                 if temp == 0 and method != "plain":
                     row["greedy output = plain"] = r["outputs"] == plain_out[f"{task}|{temp}"]
+                if temp == 0 and method == "plain":
+                    row["lookup ceiling"] = lookup_ceiling(ids, r["outputs"], args.num_spec_tokens)
                 rows.append(row)
         if llm.engine.spec is not None:  # the tasks' record, before the batch study adds to it
             rows[-1]["controller"] = json.dumps(llm.engine.spec.stats(), default=str)[:200]
@@ -230,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
     if not args.no_transformers:
         rows += _transformers_rows(model_dir, draft_dir, args, plain_tps)
     cols = ["method", "task", "temperature", "tok/s", "speedup", "decode speedup", "seed-formula speedup",
-            "acceptance", "mean accepted length", "greedy output = plain"]
+            "acceptance", "mean accepted length", "greedy output = plain", "lookup ceiling"]
     table = markdown_table(rows, cols) + "\n\n## Batch study (temperature 0)\n\n" + \
         markdown_table(batch_rows, ["method", "batch", "tok/s", "speedup", "mean K", "steps drafted"])
     result = {"rows": rows, "batch": batch_rows, "env": environment(), "args": {k: v for k, v in vars(args).items()

@@ -85,6 +85,25 @@ def lookup_with_length(tokens: np.ndarray, k: int, max_ngram: int = 4, min_ngram
     return (continuation(tokens, end, k, extend_periodic) if n else []), n
 
 
+def replay_passes(prompt: list[int], output: list[int], k: int, max_ngram: int = 8, min_ngram: int = 1) -> int:
+    """Target passes that greedy prompt lookup needs to decode `output` after `prompt` when every
+    step drafts k tokens and verification keeps the draft's prefix that equals `output`, plus one
+    token: the lookup's ceiling on this text, model-free. The first output token comes from the
+    prompt's pass (never drafted), so plain decoding needs len(output) - 1 passes after it; the
+    ratio of the two is the speedup the lookup would give if verifying k + 1 tokens cost what
+    decoding one does."""
+    tokens = np.asarray(list(prompt) + list(output), dtype=np.int32)
+    done, passes = len(prompt) + 1, 0
+    while done < len(tokens):
+        draft = lookup(tokens[:done], k, max_ngram, min_ngram)
+        accepted = 0
+        while accepted < len(draft) and done + accepted < len(tokens) and draft[accepted] == tokens[done + accepted]:
+            accepted += 1
+        done += accepted + 1
+        passes += 1
+    return passes
+
+
 class _History:
     """A growing int32 copy of one sequence's token ids (amortised O(new tokens) per step)."""
 
