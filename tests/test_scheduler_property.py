@@ -327,3 +327,31 @@ def test_urgent_arrival_gets_the_budget_of_the_sequence_it_preempts():
     out = sched.schedule()
     assert out.preempted == [a]
     assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("c", 3)]
+
+
+def _decoding(pool: BlockPool, prompt: list[int], max_tokens: int) -> tuple[Scheduler, Sequence]:
+    """A scheduler whose one sequence has its prompt computed and its first token sampled."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256), pool)
+    seq = Sequence(0, "a", 0, prompt, SamplingParams(max_tokens=max_tokens), priority=0, arrival=0.0)
+    sched.add(seq)
+    [s] = sched.schedule().scheduled
+    seq.num_computed += s.num_new_tokens
+    seq.append(1)
+    return sched, seq
+
+
+def test_drafts_are_dropped_before_anyone_is_preempted_for_their_slots():
+    """One block of 4: the sequence's next token fits, its 3 drafts would not. Reserving them used
+    to preempt the sequence itself (then recompute its context, every step, for optional drafts)."""
+    sched, seq = _decoding(BlockPool(1, 4), [5, 6], 20)
+    out = sched.schedule(lambda s: 3)
+    assert [(s.seq, s.num_new_tokens, s.num_spec_slots) for s in out.scheduled] == [(seq, 1, 0)]
+    assert out.preempted == [] and sched.num_preemptions == 0
+
+
+@pytest.mark.parametrize("max_tokens,expected_k", [(2, 0), (4, 2), (50, 8)])
+def test_drafts_stop_at_the_tokens_max_tokens_still_allows(max_tokens, expected_k):
+    """Verifying k drafts yields up to k + 1 tokens: one token left, no drafts."""
+    sched, seq = _decoding(BlockPool(64, 4), [5, 6], max_tokens)
+    [s] = sched.schedule(lambda s: 8).scheduled
+    assert s.num_spec_slots == expected_k

@@ -65,6 +65,17 @@ def test_auto_drafts_by_lookup_on_copies_and_by_the_int8_model_elsewhere(tiny_mo
     assert llm.engine.pool.all_free()
 
 
+def test_a_draft_model_with_a_shorter_context_is_refused_unless_max_model_len_fits(tiny_model_dir, tmp_path):
+    """Its RoPE table ends at its own context: past it every request of the step would fail."""
+    from specache.errors import ConfigError
+
+    short = make_tiny_model(tmp_path / "short-draft", seed=1, num_hidden_layers=2, max_position_embeddings=256)
+    with pytest.raises(ConfigError, match="draft model's context"):
+        LLM(model=str(tiny_model_dir), dtype="float32", speculative=f"draft:{short}")
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative=f"draft:{short}", max_model_len=256)
+    assert llm.generate(_prompts()[:1], GREEDY)[0].token_ids
+
+
 @pytest.mark.parametrize("weight_format", ["int8", "hybrid"])
 def test_an_int8_target_has_no_int8_self_draft(tiny_model_dir, weight_format):
     """Its int8 draft would be the target itself at the target's cost: 'quantized' is refused with a

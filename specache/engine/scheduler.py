@@ -143,9 +143,13 @@ class Scheduler:
             n = min(remaining, budget)
             k = 0
             if remaining == 1 and spec_slots is not None:
-                k = min(spec_slots(seq), budget - 1, self.config.max_model_len - seq.num_tokens)
-                k = max(k, 0)
+                # verifying k drafts yields up to k + 1 tokens: none past max_tokens or the context
+                left = seq.params.max_tokens - len(seq.output_ids)
+                k = max(min(spec_slots(seq), budget - 1, self.config.max_model_len - seq.num_tokens, left - 1), 0)
             while not self._grow(seq, seq.num_computed + n + k):
+                if k:  # drafts are optional: drop them before preempting anyone for their slots
+                    k = 0
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:

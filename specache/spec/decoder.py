@@ -79,6 +79,10 @@ def _model_proposer(engine, path: str) -> Proposer:
     draft = load_model(path)
     if draft.config.vocab_size != engine.model_config.vocab_size:
         raise ConfigError("the draft model must share the target's tokenizer (vocab sizes differ)")
+    if draft.config.max_position_embeddings < engine.max_model_len:
+        # its RoPE table ends there: a longer sequence would fail every request in the step
+        raise ConfigError(f"the draft model's context ({draft.config.max_position_embeddings} tokens) is shorter "
+                          f"than max_model_len ({engine.max_model_len}); lower --max-model-len to at most that")
     model = LlamaModel(draft.config, draft.weights, engine.model.dtype, engine.device)
     return ModelProposer(model, engine.pool.num_blocks, engine.pool.block_size, "draft")
 
