@@ -225,7 +225,7 @@ def test_hybrid_calibration_picks_a_switch_point_per_projection(tiny_model_dir):
 
 
 @pytest.mark.parametrize("int8_wins_up_to,prefill_speedup,expected",
-                         [(0, 9.0, 0), (4, 9.0, 4), (64, 2.5, 64), (256, 2.5, 64), (256, 3.0, "always")])
+                         [(0, 9.0, 0), (4, 9.0, 4), (64, 9.0, 64), (256, 2.5, 128), (256, 3.0, "always")])
 def test_hybrid_calibration_switches_at_the_first_loss_and_keeps_int8_for_prefill_where_it_wins_by_far(
         tiny_model_dir, monkeypatch, int8_wins_up_to, prefill_speedup, expected):
     from specache.models import llama
@@ -246,4 +246,23 @@ def test_hybrid_calibration_switches_at_the_first_loss_and_keeps_int8_for_prefil
     assert got == (llama.INT8_ALWAYS if expected == "always" else expected)
     # the prefill-sized check only where int8 won every decode size, on a few layers' copies
     prefill_checks = [n for rows, n in asked if rows == llama.PREFILL_CALIBRATION_ROWS]
-    assert prefill_checks == ([min(len(column), llama.PREFILL_CALIBRATION_LAYERS)] if int8_wins_up_to >= 64 else [])
+    wins_every_size = int8_wins_up_to >= llama.CALIBRATION_ROWS[-1]
+    assert prefill_checks == ([min(len(column), llama.PREFILL_CALIBRATION_LAYERS)] if wins_every_size else [])
+
+
+def test_hybrid_calibration_does_not_time_large_sizes_where_int8_already_wins_by_far(tiny_model_dir, monkeypatch):
+    """Where dense bf16 takes a slow path (int8 3x+ as fast at 64 rows), timing the whole column at
+    128 rows would add seconds to every load: that size is taken untimed."""
+    from specache.models import llama
+
+    loaded = load_model(str(tiny_model_dir))
+    model = LlamaModel(loaded.config, loaded.weights, weight_format="int8")
+    asked = []
+
+    def int8_speedup(column, rows, dtype, device):
+        asked.append(rows)
+        return 4.0 if rows <= 64 else 2.0  # the prefill-sized check: not by far
+
+    monkeypatch.setattr(llama, "_int8_speedup", int8_speedup)
+    assert llama.calibrate_int8_max_rows([lw.gate_up for lw in model.layers], torch.float32, "cpu") == 128
+    assert asked == [r for r in llama.CALIBRATION_ROWS if r <= 64] + [llama.PREFILL_CALIBRATION_ROWS]
