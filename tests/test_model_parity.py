@@ -183,6 +183,7 @@ def test_hybrid_verification_step_gets_each_rows_decode_logits(tiny_model_dir, m
     if llama.kernels.load() is None:
         pytest.skip("the fused int8 path needs the native kernels")
     monkeypatch.setattr(llama, "calibrate_int8_max_rows", lambda *args: 8)
+    monkeypatch.setattr(llama, "_CALIBRATIONS", {})  # measured by earlier tests: forced here
     loaded = load_model(str(tiny_model_dir))
     model = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
     assert model.lm_head.int8_max_rows >= model.fused_max_rows >= 17
@@ -222,6 +223,28 @@ def test_hybrid_calibration_picks_a_switch_point_per_projection(tiny_model_dir):
     assert all(p.int8_max_rows in (0, *CALIBRATION_ROWS, INT8_ALWAYS) for p in _projections(model))
     # every layer shares the measurement of its shape
     assert len({lw.gate_up.int8_max_rows for lw in model.layers}) == 1
+
+
+def test_hybrid_calibration_is_measured_once_per_shape_in_a_process(tiny_model_dir, monkeypatch):
+    """Where int8 and dense are at parity the measurement is a coin toss; two engines of a process
+    that disagreed would prefill the same chunk with different numerics (greedy speculative output
+    left plain output in bench spec). Every engine reuses the first measurement of each shape."""
+    from specache.models import llama
+
+    calls = []
+    outcomes = iter(range(1, 1000))  # each measurement different, as noise can make them
+
+    def measure(column, dtype, device):
+        calls.append(tuple(column[0].q.shape))
+        return next(outcomes)
+
+    monkeypatch.setattr(llama, "calibrate_int8_max_rows", measure)
+    monkeypatch.setattr(llama, "_CALIBRATIONS", {})
+    loaded = load_model(str(tiny_model_dir))
+    first = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
+    second = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
+    assert [p.int8_max_rows for p in _projections(second)] == [p.int8_max_rows for p in _projections(first)]
+    assert len(calls) == len(set(calls)) == 5  # qkv, o, gate_up, down and the LM head, once each
 
 
 @pytest.mark.parametrize("int8_wins_up_to,prefill_speedup,expected",
