@@ -108,9 +108,10 @@ NATIVE_ATTENTION_MAX_Q = 64
 BATCHED_ATTENTION_MAX_Q = 32
 # Before calibration: measured on 2-core AVX2 and AVX512-BF16 CPUs, int8 wins up to ~8 rows.
 HYBRID_INT8_MAX_ROWS = 8
-# Up to 128 rows: on a 2-core AVX512-VNNI EPYC without AMX the int8 kernel is 1.06-1.31x dense
-# bf16's speed at 128 rows (qkv 1.31, gate_up 1.18, o 1.07, down 1.06; parity at 256), and taking
-# it for 65-128-row prefill chunks cut TTFT of 100 / 128-token prompts by ~15% / ~10%.
+# Up to 128 rows: on a 2-core AVX512-VNNI EPYC without AMX the int8 kernel is 1.0-1.17x dense
+# bf16's speed at 128 rows over all 30 layers' copies (qkv 1.17, gate_up 1.12, o 1.10, down 1.00;
+# parity at 256), and taking it for 65-128-row prefill chunks made TTFT 1.11-1.25x faster (a
+# 102-token multi-turn prompt, two ~45-token prompts, a 100-token prompt).
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Where int8 still wins at CALIBRATION_ROWS[-1] rows, one prefill-sized check: on CPUs without
 # AVX512-BF16 a bf16 GEMM takes a slow path (AMD EPYC, AVX2: 36 ms for 128 rows of gate_up against

@@ -30,6 +30,7 @@ import numpy as np
 from specache import kernels
 from specache.config import MAX_SPEC_TOKENS
 from specache.spec.base import NOTHING_TO_DRAFT, Draft, DraftRequest, Proposer
+from specache.spec.verify import verify_greedy_targets
 
 
 def find_match(tokens: np.ndarray, max_ngram: int = 4, min_ngram: int = 1) -> tuple[int, int]:
@@ -95,11 +96,9 @@ def replay_passes(prompt: list[int], output: list[int], k: int, max_ngram: int =
     tokens = np.asarray(list(prompt) + list(output), dtype=np.int32)
     done, passes = len(prompt) + 1, 0
     while done < len(tokens):
-        draft = lookup(tokens[:done], k, max_ngram, min_ngram)
-        accepted = 0
-        while accepted < len(draft) and done + accepted < len(tokens) and draft[accepted] == tokens[done + accepted]:
-            accepted += 1
-        done += accepted + 1
+        # no drafts past the text's end, as the scheduler drafts none past max_tokens
+        draft = lookup(tokens[:done], min(k, len(tokens) - done - 1), max_ngram, min_ngram)
+        done += len(verify_greedy_targets(draft, tokens[done: done + len(draft) + 1].tolist()).tokens)
         passes += 1
     return passes
 
