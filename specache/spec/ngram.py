@@ -32,6 +32,9 @@ from specache.config import MAX_SPEC_TOKENS
 from specache.spec.base import NOTHING_TO_DRAFT, Draft, DraftRequest, Proposer
 from specache.spec.verify import verify_greedy_targets
 
+# The proposer's match lengths (NgramProposer's defaults; replay_passes replays the same lookup)
+MAX_NGRAM, MIN_NGRAM = 8, 1
+
 
 def find_match(tokens: np.ndarray, max_ngram: int = 4, min_ngram: int = 1) -> tuple[int, int]:
     """(end, n): the latest earlier occurrence of the longest suffix of n tokens (max_ngram >= n >=
@@ -86,7 +89,8 @@ def lookup_with_length(tokens: np.ndarray, k: int, max_ngram: int = 4, min_ngram
     return (continuation(tokens, end, k, extend_periodic) if n else []), n
 
 
-def replay_passes(prompt: list[int], output: list[int], k: int, max_ngram: int = 8, min_ngram: int = 1) -> int:
+def replay_passes(prompt: list[int], output: list[int], k: int, max_ngram: int = MAX_NGRAM,
+                  min_ngram: int = MIN_NGRAM) -> int:
     """Target passes that greedy prompt lookup needs to decode `output` after `prompt` when every
     step drafts k tokens and verification keeps the draft's prefix that equals `output`, plus one
     token: the lookup's ceiling on this text, model-free. The first output token comes from the
@@ -133,7 +137,7 @@ class _History:
 class NgramProposer(Proposer):
     free_to_draft = True
 
-    def __init__(self, max_ngram: int = 8, min_ngram: int = 1, name: str = "ngram",
+    def __init__(self, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM, name: str = "ngram",
                  extend_periodic: bool = True) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
