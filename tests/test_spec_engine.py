@@ -106,6 +106,31 @@ def test_ngram_accepts_on_repetitive_text_and_reports_metrics(tiny_model_dir):
         m["target_passes"] + m["spec_accepted_tokens"]
 
 
+def test_a_stop_inside_an_accepted_draft_leaves_the_cut_tokens_out_of_the_metrics(tiny_model_dir):
+    """A request's accepted drafts are tokens of its output, also when a stop token lands inside an
+    accepted run: the accepted drafts after the stop are not part of the output, so they are not
+    counted (the controller's record still has them)."""
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="ngram", num_spec_tokens=5,
+              spec_adaptive=False)
+    # A tiny random model falls into loops: with its own loop in the prompt, the output repeats it
+    # from the first step, so lookup drafts are accepted from the start and every stop lands in a run
+    prompt = _prompts()[2] + llm.generate([_prompts()[2]], GREEDY)[0].token_ids
+    full = llm.generate([prompt], GREEDY)[0].token_ids
+    stops = list(dict.fromkeys(full[1:]))  # each distinct token as the stop: cuts at many positions
+    params = [SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[t]) for t in stops]
+    before = llm.engine.spec.stats()["accepted_tokens"]
+    outs = llm.generate([prompt] * len(stops), params)
+    for out, stop in zip(outs, stops, strict=True):
+        m = out.metrics
+        assert out.token_ids == full[: full.index(stop) + 1]  # greedy: plain's text up to the stop
+        # the first token comes from the prompt's pass; the last pass may end on an accepted draft
+        assert m["spec_accepted_tokens"] <= len(out.token_ids) - 1
+        assert len(out.token_ids) - 1 <= m["target_passes"] - 1 + m["spec_accepted_tokens"] <= len(out.token_ids)
+        assert 0 <= m["spec_accepted_tokens"] <= m["spec_draft_tokens"]
+    # some stops did cut accepted runs: the verifier accepted more than the outputs kept
+    assert llm.engine.spec.stats()["accepted_tokens"] - before > sum(o.metrics["spec_accepted_tokens"] for o in outs)
+
+
 def test_shadow_drafts_settle_against_the_decoded_tokens(tiny_model_dir):
     """A shadow draft is settled once decoding shows a mismatch or has matched all of it, and only
     its outcome reaches the controller (as evidence, not as a draft)."""

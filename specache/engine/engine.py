@@ -188,7 +188,7 @@ class Engine:
             if new_tokens is not None:  # drafts past the accepted ones hold no valid K/V
                 seq.num_computed -= it.num_draft - (len(new_tokens) - 1)
             if new_tokens is not None:
-                self._accept_tokens(seq, new_tokens)
+                self._accept_tokens(seq, new_tokens, it.num_draft)
                 touched[seq.request_id] = None
             if not seq.is_finished:
                 self.scheduler.trim_blocks(seq, seq.num_computed)
@@ -229,9 +229,11 @@ class Engine:
                 k += 1
         return out
 
-    def _accept_tokens(self, seq: Sequence, tokens: list[int]) -> None:
+    def _accept_tokens(self, seq: Sequence, tokens: list[int], num_draft: int = 0) -> None:
+        """Append a step's tokens (a verified draft's accepted prefix and one target token) up to
+        the first stop."""
         seq.num_steps += 1
-        for tok in tokens:
+        for i, tok in enumerate(tokens):
             seq.append(tok)
             self.stats["generation_tokens"] += 1
             reason = token_stop_reason(seq, tok, self.eos_ids, self.max_model_len)
@@ -240,6 +242,7 @@ class Engine:
             if reason is not None:
                 # Tokens after the stop are dropped; so is their unverified KV.
                 seq.num_computed = min(seq.num_computed, seq.num_tokens - 1)
+                _uncount_drafts_past(seq, kept=i + 1, num_accepted=len(tokens) - 1, num_draft=num_draft)
                 self._finish(seq, reason)
                 return
 
@@ -307,3 +310,13 @@ class Engine:
             "spec_acceptance_rate": accepted / drafted if drafted else None,
             "spec_mean_accepted_length": (accepted + steps) / steps if steps else None,
         }
+
+
+def _uncount_drafts_past(seq: Sequence, kept: int, num_accepted: int, num_draft: int) -> None:
+    """A stop cut the step's tokens after `kept`: the request's metrics describe its output, so the
+    draft positions past the cut count neither as drafted nor as accepted (each pass then emits one
+    token plus the accepted drafts it kept, exactly). The controller's record keeps them: the
+    verifier did accept them, which is what its acceptance rate predicts."""
+    if num_draft:
+        seq.spec_drafted -= max(0, num_draft - kept)
+        seq.spec_accepted -= max(0, num_accepted - kept)
