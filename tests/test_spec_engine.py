@@ -272,13 +272,13 @@ def test_seed_formula_speedup_counts_tokens_per_pass_and_the_draft_cost():
     assert seed_formula_speedup(tokens, steps, c * k * steps) == pytest.approx(expected_speedup(alpha, k, c))
 
 
-def test_lookup_ceiling_is_the_slowest_sequence_of_the_batch():
+def test_lookup_ceiling_sums_the_requests_decoded_one_after_the_other():
     from specache.bench.spec import lookup_ceiling
 
     copied = list(range(10, 40))  # copied after the prompt: 2 passes instead of 29 plain steps
     assert lookup_ceiling([copied], [copied], 16) == pytest.approx(29 / 2)
-    # a batch runs until its slowest member is done: an uncopyable output caps the task at plain
-    assert lookup_ceiling([copied, copied], [copied, list(range(100, 130))], 16) == pytest.approx(1.0)
+    # an uncopyable output needs all its 29 steps: 58 plain steps over 2 + 29 passes
+    assert lookup_ceiling([copied, copied], [copied, list(range(100, 130))], 16) == pytest.approx(58 / 31)
 
 
 def test_bench_spec_reports_the_seed_formula_and_the_chosen_k_per_batch(tiny_model_dir, tmp_path):

@@ -107,19 +107,28 @@ def _ours(model, dtype, method, k, weight_format="dense"):
                weight_format=weight_format)
 
 
-def _time_ours(llm, prompts, params, repeats):
+def _time_ours(llm, prompts, params, repeats, one_at_a_time=False):
+    """Tokens per second over the prompts, as one batch or (one_at_a_time) each request alone, one
+    after the other: the latency a request sees, which is what speculation is for, and how the
+    transformers rows are timed."""
     from specache import SamplingParams
 
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up: first-call costs
     model_tokens_before = _model_draft_tokens(llm)
+    batches = [[p] for p in prompts] if one_at_a_time else [prompts]
     times, decode_times, outs = [], [], None
     for _ in range(repeats):
-        with Timer() as t:
-            outs = llm.generate(prompts, params)
-        times.append(t.s)
-        # The decode phase: after every prompt's first token (prefill is the same work with or
-        # without speculation, and for long prompts it caps the end-to-end ratio).
-        decode_times.append(t.s - max(o.metrics["ttft_s"] for o in outs))
+        outs, total, decode = [], 0.0, 0.0
+        for batch in batches:
+            with Timer() as t:
+                got = llm.generate(batch, params)
+            total += t.s
+            # The decode phase: after every prompt's first token (prefill is the same work with or
+            # without speculation, and for long prompts it caps the end-to-end ratio).
+            decode += t.s - max(o.metrics["ttft_s"] for o in got)
+            outs += got
+        times.append(total)
+        decode_times.append(decode)
     toks = sum(len(o.token_ids) for o in outs)
     drafted = sum(o.metrics["spec_draft_tokens"] for o in outs)
     accepted = sum(o.metrics["spec_accepted_tokens"] for o in outs)
@@ -149,13 +158,13 @@ def seed_formula_speedup(tokens: int, passes: int, draft_cost: float) -> float:
 
 
 def lookup_ceiling(prompts: list[list[int]], outputs: list[list[int]], k: int) -> float:
-    """The most prompt lookup could gain on a task's greedy outputs: the batch's plain decode steps
-    over the passes it would need if every step drafted k tokens and verifying k + 1 tokens cost
-    what decoding one does (replay_passes; the batch runs until its slowest sequence is done)."""
+    """The most prompt lookup could gain on a task's greedy outputs, its requests decoded one after
+    the other: their plain decode steps over the passes they would need if every step drafted k
+    tokens and verifying k + 1 tokens cost what decoding one does (replay_passes)."""
     from specache.spec.ngram import replay_passes
 
-    plain = max(len(o) - 1 for o in outputs)
-    lookup = max(replay_passes(p, o, k) for p, o in zip(prompts, outputs, strict=True))
+    plain = sum(len(o) - 1 for o in outputs)
+    lookup = sum(replay_passes(p, o, k) for p, o in zip(prompts, outputs, strict=True))
     return plain / lookup if lookup else 1.0
 
 
@@ -177,17 +186,18 @@ def _paid_draft_cost(llm, model_tokens_before: int | None, drafted: int) -> floa
     return ratio * paid
 
 
-def _time_paired(llm, plain_llm, prompts, params, repeats) -> tuple[dict, float]:
+def _time_paired(llm, plain_llm, prompts, params, repeats, one_at_a_time=False) -> tuple[dict, float]:
     """The method and plain decode alternately (A B, B A, A B ...), so a machine whose speed drifts
     over the minutes of a benchmark slows both alike and neither always runs first; the speedup is
     the median of the pairs' ratios."""
     pairs = []
     for i in range(repeats):
         if i % 2:
-            plain = _time_ours(plain_llm, prompts, params, 1)
-            pairs.append((_time_ours(llm, prompts, params, 1), plain))
+            plain = _time_ours(plain_llm, prompts, params, 1, one_at_a_time)
+            pairs.append((_time_ours(llm, prompts, params, 1, one_at_a_time), plain))
         else:
-            pairs.append((_time_ours(llm, prompts, params, 1), _time_ours(plain_llm, prompts, params, 1)))
+            pairs.append((_time_ours(llm, prompts, params, 1, one_at_a_time),
+                          _time_ours(plain_llm, prompts, params, 1, one_at_a_time)))
     ratios = [m["tok/s"] / p["tok/s"] for m, p in pairs]
     result = dict(pairs[-1][0])
     result["tok/s"] = median([m["tok/s"] for m, _ in pairs])
@@ -219,11 +229,11 @@ def run(args: argparse.Namespace) -> dict:
                 ids = [_chat(tok, task, p) for p in prompts]
                 key = (task, temp)
                 if method == "plain":
-                    r = _time_ours(llm, ids, params, args.repeats)
+                    r = _time_ours(llm, ids, params, args.repeats, one_at_a_time=True)
                     plain_tps[key], speedup = r["tok/s"], 1.0
                     plain_out[f"{task}|{temp}"] = r["outputs"]
                 else:
-                    r, speedup = _time_paired(llm, plain_llm, ids, params, args.repeats)
+                    r, speedup = _time_paired(llm, plain_llm, ids, params, args.repeats, one_at_a_time=True)
                 row = {"method": method.split("/")[-1] if method.startswith("draft:") else method,
                        "task": task, "temperature": temp, "tok/s": r["tok/s"],
                        "speedup": speedup, "decode speedup": r.get("decode speedup", 1.0),
