@@ -281,6 +281,15 @@ def test_lookup_ceiling_sums_the_requests_decoded_one_after_the_other():
     assert lookup_ceiling([copied, copied], [copied, list(range(100, 130))], 16) == pytest.approx(58 / 31)
 
 
+def test_end_to_end_ceiling_leaves_prefill_as_it_is():
+    from specache.bench.spec import end_to_end_ceiling
+
+    # 1 s of which 0.8 s decode: a 4x faster decode makes it 0.2 + 0.2 s
+    assert end_to_end_ceiling(1.0, 0.8, 4.0) == pytest.approx(2.5)
+    assert end_to_end_ceiling(1.0, 1.0, 3.0) == pytest.approx(3.0)  # no prefill: the decode ceiling
+    assert end_to_end_ceiling(1.0, 0.5, 1.0) == pytest.approx(1.0)
+
+
 def test_bench_spec_reports_the_seed_formula_and_the_chosen_k_per_batch(tiny_model_dir, tmp_path):
     """`specache bench spec` end to end on a tiny model: every cell has the seed formula's speedup
     next to the measured one, greedy output equals plain, and the batch study reports the K the
@@ -302,7 +311,8 @@ def test_bench_spec_reports_the_seed_formula_and_the_chosen_k_per_batch(tiny_mod
     assert all(r["seed-formula speedup"] >= 1.0 for r in cells if r["method"] == "ngram")
     assert any(r["seed-formula speedup"] > 1.0 for r in cells)
     assert all(r["seed-formula speedup"] > 0.5 for r in cells)
-    assert all(r["lookup ceiling"] >= 1.0 for r in result["rows"] if r["method"] == "plain")
+    plain_rows = [r for r in result["rows"] if r["method"] == "plain"]
+    assert all(r["lookup ceiling"] >= r["lookup ceiling, end to end"] >= 1.0 for r in plain_rows)
     batch = [r for r in result["batch"] if not r["method"].startswith("plain")]
     assert [(r["method"], r["batch"]) for r in batch] == \
         [("ngram", 1), ("ngram", 4), ("lookahead", 1), ("lookahead", 4)]

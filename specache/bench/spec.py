@@ -135,7 +135,7 @@ def _time_ours(llm, prompts, params, repeats, one_at_a_time=False):
     draft_steps = sum(o.metrics["spec_draft_steps"] for o in outs)
     passes = sum(o.metrics["target_passes"] for o in outs)
     lengths = [o.metrics["spec_mean_accepted_length"] for o in outs if o.metrics["spec_mean_accepted_length"]]
-    return {"s": median(times), "tokens": toks, "tok/s": toks / median(times),
+    return {"s": median(times), "decode s": median(decode_times), "tokens": toks, "tok/s": toks / median(times),
             "decode tok/s": (toks - len(outs)) / median(decode_times),
             "acceptance": accepted / drafted if drafted else None,
             "mean accepted length": sum(lengths) / len(lengths) if lengths else None,
@@ -166,6 +166,12 @@ def lookup_ceiling(prompts: list[list[int]], outputs: list[list[int]], k: int) -
     plain = sum(len(o) - 1 for o in outputs)
     lookup = sum(replay_passes(p, o, k) for p, o in zip(prompts, outputs, strict=True))
     return plain / lookup if lookup else 1.0
+
+
+def end_to_end_ceiling(total_s: float, decode_s: float, decode_ceiling: float) -> float:
+    """The lookup ceiling over a whole request: prefill (total - decode) takes as long with
+    speculation as without, so at most total / (prefill + decode / ceiling) (Amdahl)."""
+    return total_s / (total_s - decode_s + decode_s / decode_ceiling) if decode_ceiling > 0 else 1.0
 
 
 def _model_draft_tokens(llm) -> int | None:
@@ -242,7 +248,9 @@ def run(args: argparse.Namespace) -> dict:
                 if temp == 0 and method != "plain":
                     row["greedy output = plain"] = r["outputs"] == plain_out[f"{task}|{temp}"]
                 if temp == 0 and method == "plain":
-                    row["lookup ceiling"] = lookup_ceiling(ids, r["outputs"], args.num_spec_tokens)
+                    ceiling = lookup_ceiling(ids, r["outputs"], args.num_spec_tokens)
+                    row["lookup ceiling"] = ceiling
+                    row["lookup ceiling, end to end"] = end_to_end_ceiling(r["s"], r["decode s"], ceiling)
                 rows.append(row)
         if llm.engine.spec is not None:  # the tasks' record, before the batch study adds to it
             rows[-1]["controller"] = json.dumps(llm.engine.spec.stats(), default=str)[:200]
@@ -253,7 +261,8 @@ def run(args: argparse.Namespace) -> dict:
     if not args.no_transformers:
         rows += _transformers_rows(model_dir, draft_dir, args, plain_tps)
     cols = ["method", "task", "temperature", "tok/s", "speedup", "decode speedup", "seed-formula speedup",
-            "acceptance", "mean accepted length", "greedy output = plain", "lookup ceiling"]
+            "acceptance", "mean accepted length", "greedy output = plain", "lookup ceiling",
+            "lookup ceiling, end to end"]
     table = markdown_table(rows, cols) + "\n\n## Batch study (temperature 0)\n\n" + \
         markdown_table(batch_rows, ["method", "batch", "tok/s", "speedup", "mean K", "steps drafted"])
     result = {"rows": rows, "batch": batch_rows, "env": environment(), "args": {k: v for k, v in vars(args).items()
