@@ -39,6 +39,29 @@ def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, **overrides) 
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_switch_points(tmp_path_factory):
+    """Hybrid switch points measured in this test session only (servers the tests start share
+    them): never read from an earlier session, which tests that force a measurement would see
+    instead of their own."""
+    from specache.models import switch_points
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(switch_points.PATH_ENV, str(tmp_path_factory.mktemp("switch-points") / "switch-points.json"))
+        yield
+
+
+@pytest.fixture
+def fresh_switch_points(monkeypatch, tmp_path) -> Path:
+    """No switch point measured yet, in this process or on disk: the next hybrid load measures."""
+    from specache.models import llama, switch_points
+
+    monkeypatch.setattr(llama, "_CALIBRATIONS", {})
+    file = tmp_path / "switch-points.json"
+    monkeypatch.setenv(switch_points.PATH_ENV, str(file))
+    return file
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

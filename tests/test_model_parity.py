@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -174,7 +176,7 @@ def _projections(model: LlamaModel) -> list:
     return [model.lm_head] + [p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]
 
 
-def test_hybrid_verification_step_gets_each_rows_decode_logits(tiny_model_dir, monkeypatch):
+def test_hybrid_verification_step_gets_each_rows_decode_logits(tiny_model_dir, monkeypatch, fresh_switch_points):
     """A step on the fused int8 layers takes the int8 LM head whatever the head's own calibration
     (forced to 8 rows here): a 17-row step (K = 16 drafts) gives, row for row, the logits of
     decoding those tokens one at a time, so greedy speculation equals plain decoding on hybrid."""
@@ -182,8 +184,7 @@ def test_hybrid_verification_step_gets_each_rows_decode_logits(tiny_model_dir, m
 
     if llama.kernels.load() is None:
         pytest.skip("the fused int8 path needs the native kernels")
-    monkeypatch.setattr(llama, "calibrate_int8_max_rows", lambda *args: 8)
-    monkeypatch.setattr(llama, "_CALIBRATIONS", {})  # measured by earlier tests: forced here
+    monkeypatch.setattr(llama, "calibrate_int8_max_rows", lambda *args: 8)  # forced, not measured
     loaded = load_model(str(tiny_model_dir))
     model = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
     assert model.lm_head.int8_max_rows >= model.fused_max_rows >= 17
@@ -225,7 +226,8 @@ def test_hybrid_calibration_picks_a_switch_point_per_projection(tiny_model_dir):
     assert len({lw.gate_up.int8_max_rows for lw in model.layers}) == 1
 
 
-def test_hybrid_calibration_is_measured_once_per_shape_in_a_process(tiny_model_dir, monkeypatch):
+def test_hybrid_calibration_is_measured_once_per_shape_in_a_process(tiny_model_dir, monkeypatch,
+                                                                     fresh_switch_points):
     """Where int8 and dense are at parity the measurement is a coin toss; two engines of a process
     that disagreed would prefill the same chunk with different numerics (greedy speculative output
     left plain output in bench spec). Every engine reuses the first measurement of each shape."""
@@ -239,12 +241,71 @@ def test_hybrid_calibration_is_measured_once_per_shape_in_a_process(tiny_model_d
         return next(outcomes)
 
     monkeypatch.setattr(llama, "calibrate_int8_max_rows", measure)
-    monkeypatch.setattr(llama, "_CALIBRATIONS", {})
     loaded = load_model(str(tiny_model_dir))
     first = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
     second = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
     assert [p.int8_max_rows for p in _projections(second)] == [p.int8_max_rows for p in _projections(first)]
     assert len(calls) == len(set(calls)) == 5  # qkv, o, gate_up, down and the LM head, once each
+
+
+def _counting_measurements(monkeypatch) -> list:
+    """Replaces the timing with a fixed answer per shape (so a test runs in milliseconds) and
+    records each measurement."""
+    from specache.models import llama
+
+    calls = []
+
+    def measure(column, dtype, device):
+        calls.append(tuple(column[0].q.shape))
+        return 16 if column[0].q.shape[0] > 1000 else 4
+
+    monkeypatch.setattr(llama, "calibrate_int8_max_rows", measure)
+    return calls
+
+
+def test_hybrid_switch_points_are_kept_on_disk_for_the_next_process(tiny_model_dir, monkeypatch,
+                                                                    fresh_switch_points):
+    """~3 s of a 5 s load on the real model, and a coin toss at parity: measured once per machine."""
+    from specache.models import llama
+
+    calls = _counting_measurements(monkeypatch)
+    loaded = load_model(str(tiny_model_dir))
+    first = [p.int8_max_rows for p in _projections(LlamaModel(loaded.config, loaded.weights, weight_format="hybrid"))]
+    assert len(calls) == 5 and len(json.loads(fresh_switch_points.read_text())) == 5
+    monkeypatch.setattr(llama, "_CALIBRATIONS", {})  # what a new process starts with
+    second = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
+    assert len(calls) == 5  # read from the file, not measured
+    assert [p.int8_max_rows for p in _projections(second)] == first
+
+
+@pytest.mark.parametrize("case", ["corrupt", "not a table", "recalibrate", "other machine", "unwritable"])
+def test_hybrid_switch_points_are_measured_again_when_the_file_cannot_be_used(
+        tiny_model_dir, monkeypatch, fresh_switch_points, caplog, case):
+    from specache import kernels
+    from specache.models import llama, switch_points
+
+    calls = _counting_measurements(monkeypatch)
+    loaded = load_model(str(tiny_model_dir))
+    LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
+    monkeypatch.setattr(llama, "_CALIBRATIONS", {})
+    if case == "corrupt":
+        fresh_switch_points.write_text('{"half a fi')
+    elif case == "not a table":
+        fresh_switch_points.write_text('{"x": "sixteen"}')
+    elif case == "recalibrate":
+        monkeypatch.setenv(switch_points.RECALIBRATE_ENV, "1")
+    elif case == "other machine":
+        monkeypatch.setattr(kernels, "machine_identity", lambda: "another CPU")
+    else:  # a file where its directory should be
+        monkeypatch.setenv(switch_points.PATH_ENV, str(fresh_switch_points / "switch-points.json"))
+    with caplog.at_level("WARNING", logger="specache.models.switch_points"):
+        model = LlamaModel(loaded.config, loaded.weights, weight_format="hybrid")
+    assert len(calls) == 10  # measured again, and the model loads all the same
+    assert model.layers[0].gate_up.int8_max_rows == 4
+    if case in ("corrupt", "not a table", "unwritable"):
+        assert "switch points" in caplog.text
+    if case in ("corrupt", "not a table"):  # rewritten whole
+        assert len(json.loads(fresh_switch_points.read_text())) == 5
 
 
 @pytest.mark.parametrize("int8_wins_up_to,prefill_speedup,expected",

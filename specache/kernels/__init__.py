@@ -36,6 +36,28 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
+@functools.cache
+def machine_identity() -> str:
+    """What a measurement of these kernels on this machine depends on: the CPU model and its
+    feature flags, torch's version and thread count, and the kernel source (a changed kernel is
+    measured again)."""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor())
+    except OSError:
+        model = platform.processor() or platform.machine()
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    native = "native" if load() is not None else "pytorch"
+    return (f"{model} flags {_cpu_fingerprint()} torch {torch.__version__} threads {torch.get_num_threads()} "
+            f"kernels {native} {source}")
+
+
+def machine_dir() -> Path:
+    """The build's directory: one per Python environment, torch version and CPU, so it also keeps
+    what is measured on this machine (hybrid weights' switch points)."""
+    return _build_dir()
+
+
 def _build_dir() -> Path:
     # Inside the Python environment, not $SPECACHE_HOME: tests and servers that each get their own
     # SPECACHE_HOME must not rebuild (~40 s each), and `make clean` removes the build with the venv.

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from specache import kernels
 from specache.kv.cache import KVCache
+from specache.models import switch_points
 from specache.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -236,10 +237,16 @@ _CALIBRATIONS: dict[tuple, int] = {}
 
 
 def _calibration(column: list[Projection], dtype: torch.dtype, device) -> int:
-    """calibrate_int8_max_rows, once per projection shape in this process."""
+    """calibrate_int8_max_rows, once per projection shape on this machine: in this process, and
+    across processes through the stored switch points (`switch_points`)."""
     key = (tuple(column[0].q.shape), len(column), dtype, str(device))
     if key not in _CALIBRATIONS:
-        _CALIBRATIONS[key] = calibrate_int8_max_rows(column, dtype, device)
+        entry = switch_points.key(*key)
+        rows = switch_points.get(entry)
+        if rows is None:
+            rows = calibrate_int8_max_rows(column, dtype, device)
+            switch_points.put(entry, rows)
+        _CALIBRATIONS[key] = rows
     return _CALIBRATIONS[key]
 
 
