@@ -258,6 +258,15 @@ def test_cost_model_calibration_fits_a_short_max_model_len(tiny_model_dir):
     assert len(out[0].token_ids) == 8 and llm.engine.pool.all_free()
 
 
+def test_a_speculative_engine_starts_on_a_model_with_a_short_context(tmp_path):
+    """The cost model's passes stay within the model's positions (its RoPE table ends there)."""
+    model = make_tiny_model(tmp_path / "short", max_position_embeddings=128, num_hidden_layers=2)
+    llm = LLM(model=str(model), dtype="float32", speculative="ngram", num_spec_tokens=3)
+    assert max(llm.engine.spec.controller._step_ms) <= 128
+    out = llm.generate([[5, 6, 7, 5, 6, 7, 5, 6]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 8 and llm.engine.pool.all_free()
+
+
 def test_seed_formula_speedup_counts_tokens_per_pass_and_the_draft_cost():
     from specache.bench.spec import seed_formula_speedup
     from specache.spec.controller import expected_speedup, expected_tokens

@@ -122,7 +122,9 @@ def measure_step_costs(engine, sizes: tuple[int, ...] = STEP_COST_SIZES, repeats
     """Seconds for one target pass over n tokens with logits for all n (as a verification step has,
     and a decode step of n sequences), measured once at start (the controller's cost model). With
     logits for one row only, a 16-sequence K=16 step's 272 rows of LM head (a dense-weight matmul
-    past the int8 kernel's row range) were missing from the table, and such steps ran at 0.86x."""
+    past the int8 kernel's row range) were missing from the table, and such steps ran at 0.86x.
+    Sizes past max_model_len are left out: the model has no positions there (nor will a step)."""
+    sizes = tuple(n for n in sizes if n <= engine.max_model_len)
     with _calibration_sequence(engine, max(sizes)) as seq:
         if seq is None:
             return {}
