@@ -44,6 +44,41 @@ def test_greedy_speculative_equals_plain_greedy(tiny_model_dir, draft_dir, plain
         assert llm.engine.spec.stats()["draft_tokens"] > 0
 
 
+def test_a_draft_models_cache_gives_back_the_blocks_of_rejected_drafts(tiny_model_dir, draft_dir):
+    """After each verification the draft model's cache holds the verified prefix only: blocks that
+    held nothing but rejected drafts go back to its pool at once, not when the request ends."""
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative=f"draft:{draft_dir}", num_spec_tokens=5,
+              block_size=4, spec_adaptive=False)
+    engine, proposer = llm.engine, llm.engine.spec.proposer
+    for prompt in _prompts():
+        engine.add_request(prompt, GREEDY)
+    rolled_back = 0
+    while engine.has_unfinished():
+        engine.step()
+        for st in proposer.seqs.values():
+            rolled_back += st.num_tokens - st.num_computed > 1  # drafts past the verified prefix
+            assert len(st.block_table) == proposer.pool.blocks_needed(st.num_computed)
+    assert rolled_back > 0  # the random draft is rejected often: rollbacks were exercised
+    assert engine.pool.all_free() and proposer.pool.all_free()
+
+
+@pytest.mark.parametrize("method", ["draft", "quantized", "layer-skip:2"])
+def test_a_seeded_request_samples_the_same_text_alone_or_in_any_batch(tiny_model_dir, draft_dir, method):
+    """A model drafter draws its drafts with the request's own draft generator (seeded from the
+    request's seed): the same seeded request gives the same text again, and beside other requests."""
+    spec = f"draft:{draft_dir}" if method == "draft" else method
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative=spec, num_spec_tokens=3,
+              spec_adaptive=False)
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    others = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    prompt = _prompts()[1]
+    alone = llm.generate([prompt], seeded)[0].token_ids
+    again = llm.generate([prompt], seeded)[0].token_ids
+    batched = llm.generate([_prompts()[0], prompt, _prompts()[2]], [others, seeded, others])[1].token_ids
+    assert alone == again == batched
+    assert llm.engine.spec.stats()["draft_tokens"] > 0
+
+
 def test_quantized_draft_keeps_the_fp32_target_exact(tiny_model_dir, plain_outputs):
     """'quantized' drafts with an int8 copy; verification by the fp32 target keeps output exact."""
     llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative="quantized", num_spec_tokens=4,

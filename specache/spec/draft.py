@@ -15,12 +15,15 @@ from specache.engine.sequence import Sequence
 from specache.kv.block_pool import BlockPool
 from specache.kv.cache import KVCache
 from specache.models.llama import LlamaModel
-from specache.sampling import SamplingParams, logits_to_probs, sample
+from specache.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from specache.spec.base import Draft, DraftRequest, Proposer
 
 
 class _DraftSeq(Sequence):
     """The drafter's view of a sequence: only the token list and the block table matter."""
+
+    # where this step's drafts begin in `tokens` (the target's length then); None once verified
+    draft_start: int | None = None
 
 
 class ModelProposer(Proposer):
@@ -33,6 +36,7 @@ class ModelProposer(Proposer):
                                                  c.head_dim, model.dtype, model.device))
         self.seqs: dict[int, _DraftSeq] = {}
         self.vocab = c.vocab_size
+        self.generators = DraftGenerators()
 
     def _state(self, req: DraftRequest) -> _DraftSeq:
         st = self.seqs.get(req.seq_id)
@@ -45,6 +49,7 @@ class ModelProposer(Proposer):
             common += 1
         st.tokens = list(req.token_ids)
         st.num_computed = common
+        st.draft_start = len(req.token_ids)
         return st
 
     def _ensure_blocks(self, st: _DraftSeq, num_tokens: int) -> bool:
@@ -75,7 +80,7 @@ class ModelProposer(Proposer):
             logits = torch.cat(self.runner.run(items))
             params = [r.params for r in live]
             p = logits_to_probs(logits, params, [r.token_ids for r in live], [tokens[r.seq_id] for r in live])
-            picked = sample(p, params, [_draft_generator(r.params) for r in live])
+            picked = sample(p, params, [self.generators.get(r.seq_id, r.params) for r in live])
             for r, tok, row in zip(live, picked, p, strict=True):
                 st = states[r.seq_id]
                 st.num_computed = st.num_tokens
@@ -85,16 +90,46 @@ class ModelProposer(Proposer):
         return [Draft(tokens[r.seq_id], torch.stack(probs[r.seq_id]) if probs[r.seq_id] else None)
                 for r in requests]
 
+    def on_verified(self, seq_id: int, num_accepted: int) -> None:
+        """Roll the draft cache back to the verified prefix: the K/V of rejected drafts is dropped,
+        and blocks that held only rejected drafts go back to the pool."""
+        st = self.seqs.get(seq_id)
+        if st is None or st.draft_start is None:
+            return
+        st.num_computed = min(st.num_computed, st.draft_start + num_accepted)
+        st.draft_start = None
+        keep = self.pool.blocks_needed(st.num_computed)
+        if len(st.block_table) > keep:
+            self.pool.free(st.block_table[keep:])
+            del st.block_table[keep:]
+
     def release(self, seq_id: int) -> None:
+        self.generators.release(seq_id)
         st = self.seqs.pop(seq_id, None)
         if st is not None and st.block_table:
             self.pool.free(st.block_table)
 
 
-_DRAFT_GEN = torch.Generator().manual_seed(1234)
+class DraftGenerators:
+    """Each sequence's own generator for the tokens a model drafts. One generator shared by every
+    request made a seeded request's drafts, and so its text, depend on every request before it and
+    beside it. Seeded from the request's seed, never the request's own generator: its draws belong
+    to verification (losslessness only needs q to be the distribution a draft was drawn from)."""
+
+    def __init__(self) -> None:
+        self._generators: dict[int, torch.Generator] = {}
+
+    def get(self, seq_id: int, params: SamplingParams) -> torch.Generator:
+        g = self._generators.get(seq_id)
+        if g is None:
+            seed = None if params.seed is None else (params.seed * _LCG_MULTIPLIER + _LCG_INCREMENT) % (1 << 63)
+            g = self._generators[seq_id] = make_generator(seed)
+        return g
+
+    def release(self, seq_id: int) -> None:
+        self._generators.pop(seq_id, None)
 
 
-def _draft_generator(params: SamplingParams) -> torch.Generator:
-    # The draft's own randomness never touches the request's generator: losslessness only needs
-    # q to be the distribution the draft token was drawn from.
-    return _DRAFT_GEN
+# A fixed map from the request's seed to its drafts' seed (Knuth's MMIX LCG step), so the two
+# streams differ for the same seed.
+_LCG_MULTIPLIER, _LCG_INCREMENT = 6364136223846793005, 1442695040888963407
