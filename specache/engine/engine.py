@@ -314,9 +314,9 @@ class Engine:
 
 def _uncount_drafts_past(seq: Sequence, kept: int, num_accepted: int, num_draft: int) -> None:
     """A stop cut the step's tokens after `kept`: the request's metrics describe its output, so the
-    draft positions past the cut count neither as drafted nor as accepted (each pass then emits one
-    token plus the accepted drafts it kept, exactly). The controller's record keeps them: the
-    verifier did accept them, which is what its acceptance rate predicts."""
+    draft positions past the cut count neither as drafted nor as accepted (every accepted draft
+    counted is a token of the output). The controller's record keeps them: the verifier did accept
+    them, which is what its acceptance rate predicts."""
     if num_draft:
         seq.spec_drafted -= max(0, num_draft - kept)
         seq.spec_accepted -= max(0, num_accepted - kept)

@@ -26,6 +26,7 @@ class DraftRequest:
     token_ids: list[int]  # prompt + generated so far (the last one is not yet in the KV cache)
     num_tokens: int  # K wanted for this sequence (0 = none)
     params: SamplingParams
+    seed: int | None = None  # the sequence's sampling seed: a model drafter's generator derives from it
 
 
 @dataclass

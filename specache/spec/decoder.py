@@ -229,7 +229,8 @@ class SpecDecoder:
 
     def _propose(self, sched: SchedulerOutput) -> dict[int, list[int]]:
         self._shadow_drafts(sched)
-        reqs = [DraftRequest(s.seq.seq_id, s.seq.tokens, s.num_spec_slots, s.seq.params)
+        reqs = [DraftRequest(s.seq.seq_id, s.seq.tokens, s.num_spec_slots, s.seq.params,
+                             s.seq.generator.initial_seed() if s.seq.generator is not None else None)
                 for s in sched.scheduled if s.num_spec_slots > 0]
         if not reqs:
             return {}

@@ -15,7 +15,7 @@ from specache.engine.sequence import Sequence
 from specache.kv.block_pool import BlockPool
 from specache.kv.cache import KVCache
 from specache.models.llama import LlamaModel
-from specache.sampling import SamplingParams, logits_to_probs, make_generator, sample
+from specache.sampling import logits_to_probs, make_generator, sample
 from specache.spec.base import Draft, DraftRequest, Proposer
 
 
@@ -80,7 +80,7 @@ class ModelProposer(Proposer):
             logits = torch.cat(self.runner.run(items))
             params = [r.params for r in live]
             p = logits_to_probs(logits, params, [r.token_ids for r in live], [tokens[r.seq_id] for r in live])
-            picked = sample(p, params, [self.generators.get(r.seq_id, r.params) for r in live])
+            picked = sample(p, params, [self.generators.get(r) for r in live])
             for r, tok, row in zip(live, picked, p, strict=True):
                 st = states[r.seq_id]
                 st.num_computed = st.num_tokens
@@ -113,17 +113,17 @@ class ModelProposer(Proposer):
 class DraftGenerators:
     """Each sequence's own generator for the tokens a model drafts. One generator shared by every
     request made a seeded request's drafts, and so its text, depend on every request before it and
-    beside it. Seeded from the request's seed, never the request's own generator: its draws belong
-    to verification (losslessness only needs q to be the distribution a draft was drawn from)."""
+    beside it. Seeded from the sequence's sampling seed, never its generator itself: those draws
+    belong to verification (losslessness only needs q to be the distribution a draft came from)."""
 
     def __init__(self) -> None:
         self._generators: dict[int, torch.Generator] = {}
 
-    def get(self, seq_id: int, params: SamplingParams) -> torch.Generator:
-        g = self._generators.get(seq_id)
+    def get(self, request: DraftRequest) -> torch.Generator:
+        g = self._generators.get(request.seq_id)
         if g is None:
-            seed = None if params.seed is None else (params.seed * _LCG_MULTIPLIER + _LCG_INCREMENT) % (1 << 63)
-            g = self._generators[seq_id] = make_generator(seed)
+            seed = None if request.seed is None else (request.seed * _LCG_MULTIPLIER + _LCG_INCREMENT) % (1 << 63)
+            g = self._generators[request.seq_id] = make_generator(seed)
         return g
 
     def release(self, seq_id: int) -> None:

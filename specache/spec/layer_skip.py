@@ -45,7 +45,7 @@ class SelfDraftProposer(Proposer):
             logits = torch.cat(self.runner.run(items, num_layers=self.num_layers))
             params = [r.params for r in live]
             p = logits_to_probs(logits, params, [r.token_ids for r in live], [tokens[r.seq_id] for r in live])
-            for r, tok, row in zip(live, sample(p, params, [self.generators.get(r.seq_id, r.params) for r in live]), p,
+            for r, tok, row in zip(live, sample(p, params, [self.generators.get(r) for r in live]), p,
                                    strict=True):
                 tokens[r.seq_id].append(tok)
                 probs[r.seq_id].append(row)
