@@ -98,10 +98,7 @@ class Scheduler:
 
     def trim_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Free blocks past what ``num_tokens`` cached tokens need (speculative rollback)."""
-        keep = self.pool.blocks_needed(num_tokens)
-        if len(seq.block_table) > keep:
-            self.pool.free(seq.block_table[keep:])
-            del seq.block_table[keep:]
+        self.pool.trim(seq.block_table, num_tokens)
 
     # -------------------------------------------------------------- block allocation
 

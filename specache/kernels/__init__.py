@@ -55,10 +55,6 @@ def machine_identity() -> str:
 def machine_dir() -> Path:
     """The build's directory: one per Python environment, torch version and CPU, so it also keeps
     what is measured on this machine (hybrid weights' switch points)."""
-    return _build_dir()
-
-
-def _build_dir() -> Path:
     # Inside the Python environment, not $SPECACHE_HOME: tests and servers that each get their own
     # SPECACHE_HOME must not rebuild (~40 s each), and `make clean` removes the build with the venv.
     root = Path(os.environ.get(BUILD_DIR_ENV) or Path(sys.prefix) / "var" / "specache-kernels")
@@ -76,7 +72,7 @@ def load() -> ModuleType | None:
 
     try:
         return cpp_extension.load(
-            name="specache_cpu_kernels", sources=[str(SOURCE)], build_directory=str(_build_dir()),
+            name="specache_cpu_kernels", sources=[str(SOURCE)], build_directory=str(machine_dir()),
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
             extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler / ninja, or a build error: fall back to PyTorch

@@ -48,6 +48,14 @@ class BlockPool:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def trim(self, block_table: list[int], num_tokens: int) -> None:
+        """Free the table's blocks past what ``num_tokens`` tokens need, in place (a speculative
+        rollback: blocks that held only rejected drafts)."""
+        keep = self.blocks_needed(num_tokens)
+        if len(block_table) > keep:
+            self.free(block_table[keep:])
+            del block_table[keep:]
+
     def allocate(self, n: int, after: int | None = None, spread: bool = False) -> list[int]:
         """Take ``n`` free blocks with reference count 1, or raise without taking any.
 

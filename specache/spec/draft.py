@@ -98,10 +98,7 @@ class ModelProposer(Proposer):
             return
         st.num_computed = min(st.num_computed, st.draft_start + num_accepted)
         st.draft_start = None
-        keep = self.pool.blocks_needed(st.num_computed)
-        if len(st.block_table) > keep:
-            self.pool.free(st.block_table[keep:])
-            del st.block_table[keep:]
+        self.pool.trim(st.block_table, st.num_computed)
 
     def release(self, seq_id: int) -> None:
         self.generators.release(seq_id)
