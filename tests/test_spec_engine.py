@@ -62,6 +62,84 @@ def test_a_draft_models_cache_gives_back_the_blocks_of_rejected_drafts(tiny_mode
     assert engine.pool.all_free() and proposer.pool.all_free()
 
 
+def test_a_draft_model_shares_cached_prompt_blocks_within_a_tenant(tiny_model_dir, draft_dir):
+    """With prefix caching on, a request whose prompt another request drafted with catches the
+    draft cache up from the cached blocks (within its tenant), and greedy output stays plain's."""
+    shared = _prompts()[0]  # 36 tokens: 9 blocks of 4
+    prompts = [shared + [7, 8, 9], shared + [10, 11]]
+    plain = LLM(model=str(tiny_model_dir), dtype="float32", block_size=4)
+    expected = [o.token_ids for o in plain.generate(prompts, GREEDY)]
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative=f"draft:{draft_dir}", num_spec_tokens=4,
+              block_size=4, spec_adaptive=False, enable_prefix_caching=True)
+    proposer = llm.engine.spec.proposer
+
+    def catch_up_tokens(prompt, salt=None) -> int:
+        before = proposer.computed_tokens
+        out = llm.generate([prompt], GREEDY, cache_salt=salt)[0]
+        return proposer.computed_tokens - before - out.metrics["spec_draft_tokens"], out.token_ids
+
+    first, out_a = catch_up_tokens(prompts[0])
+    second, out_b = catch_up_tokens(prompts[1])
+    other_tenant, out_c = catch_up_tokens(prompts[1], salt="tenant-b")
+    assert [out_a, out_b] == expected and out_c == expected[1]
+    # the second request computed at most its own suffix and the last shared block, not the prompt
+    assert second <= first - len(shared) + 2 * 4
+    assert other_tenant >= len(prompts[1])  # another tenant never reads the first tenant's blocks
+    assert proposer.stats()["draft_prefix_hit_tokens"] >= len(shared) - 4
+    # only the tree holds blocks once every request has finished, and nothing is locked
+    assert proposer.pool.num_used == proposer.prefix.cached_blocks() > 0
+    assert all(root.lock_ref == 0 for root in proposer.prefix.roots.values())
+
+
+def _draft_proposer(draft_dir, num_blocks: int, prefix_sharing: bool = False):
+    from specache.models.llama import LlamaModel
+    from specache.models.loader import load_model
+    from specache.spec.draft import ModelProposer
+
+    draft = load_model(str(draft_dir))
+    model = LlamaModel(draft.config, draft.weights, torch.float32, torch.device("cpu"))
+    return ModelProposer(model, num_blocks, 4, prefix_sharing=prefix_sharing)
+
+
+def _draft(proposer, seq_id: int, tokens: list[int], k: int, params=GREEDY):
+    from specache.spec.base import DraftRequest
+
+    return proposer.propose([DraftRequest(seq_id, tokens, k, params, seed=seq_id)])[0]
+
+
+def test_a_full_draft_cache_gives_an_idle_sequences_blocks_to_a_drafting_one(tiny_model_dir, draft_dir):
+    """A sequence not drafting this step (waiting, preempted, switched off) loses its draft cache
+    when a drafting sequence needs the blocks, instead of that sequence getting no draft; the idle
+    one catches up from scratch when it drafts again, to the same draft."""
+    a, b = _prompts()[1][:15], _prompts()[2][:10]
+    proposer = _draft_proposer(draft_dir, num_blocks=6)  # 24 tokens: a with 3 drafts takes 5 blocks
+    assert len(_draft(proposer, 1, a, 3).tokens) == 3
+    got_b = _draft(proposer, 2, b, 3)
+    assert got_b.tokens == _draft(_draft_proposer(draft_dir, 6), 2, b, 3).tokens
+    assert proposer.evicted_seqs == 1 and not proposer.seqs[1].block_table
+    proposer.on_verified(2, 0)
+    proposer.release(2)
+    assert _draft(proposer, 1, a, 3).tokens == _draft(_draft_proposer(draft_dir, 6), 1, a, 3).tokens
+
+
+def test_rewinding_into_a_shared_draft_block_leaves_the_cached_copy_intact(tiny_model_dir, draft_dir):
+    """A sequence whose history changes inside a block the prefix tree also holds recomputes that
+    block in one of its own: writing into it would corrupt the K/V another request then reads."""
+    sampled = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    tokens = _prompts()[0][:12]  # three full blocks, cached after the catch-up
+    proposer = _draft_proposer(draft_dir, num_blocks=32, prefix_sharing=True)
+    _draft(proposer, 1, tokens, 2, sampled)
+    proposer.on_verified(1, 0)
+    assert proposer.prefix.cached_blocks() == 3
+    _draft(proposer, 1, tokens[:6] + [5, 6, 7, 8], 2, sampled)  # rewritten from position 6, in block 1
+    proposer.on_verified(1, 0)
+    reader = tokens + [9]
+    shared = _draft(proposer, 2, reader, 2, sampled)
+    assert proposer.stats()["draft_prefix_hit_tokens"] >= 12
+    fresh = _draft(_draft_proposer(draft_dir, 32), 2, reader, 2, sampled)
+    torch.testing.assert_close(shared.probs, fresh.probs)
+
+
 @pytest.mark.parametrize("method", ["draft", "quantized", "layer-skip:2"])
 def test_a_seeded_request_samples_the_same_text_alone_or_in_any_batch(tiny_model_dir, draft_dir, method):
     """A model drafter draws its drafts with the request's own draft generator (seeded from the

@@ -27,6 +27,7 @@ class DraftRequest:
     num_tokens: int  # K wanted for this sequence (0 = none)
     params: SamplingParams
     seed: int | None = None  # the sequence's sampling seed: a model drafter's generator derives from it
+    cache_salt: Hashable = None  # the request's tenant: a drafter's prefix cache shares only within it
 
 
 @dataclass
@@ -74,3 +75,7 @@ class Proposer(ABC):
 
     def release(self, seq_id: int) -> None:  # noqa: B027 - optional hook
         """The sequence finished (or was aborted): drop whatever state is kept for it."""
+
+    def stats(self) -> dict:
+        """The proposer's own figures for the engine's spec stats (a draft model's cache)."""
+        return {}

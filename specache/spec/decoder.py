@@ -84,7 +84,8 @@ def _model_proposer(engine, path: str) -> Proposer:
         raise ConfigError(f"the draft model's context ({draft.config.max_position_embeddings} tokens) is shorter "
                           f"than max_model_len ({engine.max_model_len}); lower --max-model-len to at most that")
     model = LlamaModel(draft.config, draft.weights, engine.model.dtype, engine.device)
-    return ModelProposer(model, engine.pool.num_blocks, engine.pool.block_size, "draft")
+    return ModelProposer(model, engine.pool.num_blocks, engine.pool.block_size, "draft",
+                         prefix_sharing=engine.config.enable_prefix_caching)
 
 
 # Dense where the cost curve has steps, which linear interpolation would hide: the int8 kernel of
@@ -230,7 +231,8 @@ class SpecDecoder:
     def _propose(self, sched: SchedulerOutput) -> dict[int, list[int]]:
         self._shadow_drafts(sched)
         reqs = [DraftRequest(s.seq.seq_id, s.seq.tokens, s.num_spec_slots, s.seq.params,
-                             s.seq.generator.initial_seed() if s.seq.generator is not None else None)
+                             s.seq.generator.initial_seed() if s.seq.generator is not None else None,
+                             s.seq.cache_salt)
                 for s in sched.scheduled if s.num_spec_slots > 0]
         if not reqs:
             return {}
@@ -396,4 +398,4 @@ class SpecDecoder:
     def stats(self) -> dict:
         sources = {k: getattr(self.proposer, k) for k in ("lookup_drafts", "model_drafts", "model_draft_tokens")
                    if hasattr(self.proposer, k)}
-        return {"method": self.method, **self.controller.stats(), **sources}
+        return {"method": self.method, **self.controller.stats(), **sources, **self.proposer.stats()}
