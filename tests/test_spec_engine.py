@@ -62,6 +62,17 @@ def test_a_draft_models_cache_gives_back_the_blocks_of_rejected_drafts(tiny_mode
     assert engine.pool.all_free() and proposer.pool.all_free()
 
 
+def test_a_draft_model_takes_the_targets_weight_format(tiny_model_dir, draft_dir):
+    """A draft pass is a one-row pass, where int8 weights read half the bytes of bf16: the draft
+    model is loaded in the target's format, and greedy output stays the int8 target's own."""
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", weight_format="int8", speculative=f"draft:{draft_dir}",
+              num_spec_tokens=4, spec_adaptive=False)
+    assert llm.engine.spec.proposer.model.weight_format == "int8"
+    plain = LLM(model=str(tiny_model_dir), dtype="float32", weight_format="int8")
+    assert [o.token_ids for o in llm.generate(_prompts(), GREEDY)] == \
+        [o.token_ids for o in plain.generate(_prompts(), GREEDY)]
+
+
 def test_a_draft_model_shares_cached_prompt_blocks_within_a_tenant(tiny_model_dir, draft_dir):
     """With prefix caching on, a request whose prompt another request drafted with catches the
     draft cache up from the cached blocks (within its tenant), and greedy output stays plain's."""

@@ -83,7 +83,10 @@ def _model_proposer(engine, path: str) -> Proposer:
         # its RoPE table ends there: a longer sequence would fail every request in the step
         raise ConfigError(f"the draft model's context ({draft.config.max_position_embeddings} tokens) is shorter "
                           f"than max_model_len ({engine.max_model_len}); lower --max-model-len to at most that")
-    model = LlamaModel(draft.config, draft.weights, engine.model.dtype, engine.device)
+    # In the target's weight format: a draft pass is one row, where int8 weights read half the bytes
+    # (a 6-layer bf16 draft of SmolLM2-135M took 8.6 ms a pass, its LM head alone ~4 ms, against
+    # 7 ms for the whole hybrid target)
+    model = LlamaModel(draft.config, draft.weights, engine.model.dtype, engine.device, engine.model.weight_format)
     return ModelProposer(model, engine.pool.num_blocks, engine.pool.block_size, "draft",
                          prefix_sharing=engine.config.enable_prefix_caching)
 
