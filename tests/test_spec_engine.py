@@ -102,6 +102,34 @@ def test_a_draft_model_shares_cached_prompt_blocks_within_a_tenant(tiny_model_di
     assert all(root.lock_ref == 0 for root in proposer.prefix.roots.values())
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_draft_model_under_preemption_and_prefix_sharing_keeps_output_and_blocks(tiny_model_dir, draft_dir, seed):
+    """Requests sharing prefixes in a KV cache too small for them all (preemptions, draft-cache
+    evictions, tree hits): greedy output stays plain's, and once they finish only the two prefix
+    trees hold blocks, with nothing locked."""
+    g = torch.Generator().manual_seed(seed)
+    system = torch.randint(3, 49152, (20,), generator=g).tolist()
+    prompts = [system[: int(torch.randint(8, 21, (1,), generator=g))] +
+               torch.randint(3, 49152, (int(torch.randint(3, 11, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(6)]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    opts = dict(dtype="float32", block_size=4, kv_cache_memory="160KiB", enable_prefix_caching=True)
+    expected = [o.token_ids for o in LLM(model=str(tiny_model_dir), **opts).generate(prompts, params)]
+    llm = LLM(model=str(tiny_model_dir), speculative=f"draft:{draft_dir}", num_spec_tokens=4, spec_adaptive=False,
+              **opts)
+    engine, proposer = llm.engine, llm.engine.spec.proposer
+    assert engine.pool.num_blocks <= 48  # the six requests need ~75 blocks at once: they compete
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    stats = engine.spec.stats()
+    assert engine.scheduler.num_preemptions > 0 and stats["draft_cache_evicted_seqs"] > 0
+    assert stats["draft_prefix_hit_tokens"] > 0 and stats["draft_tokens"] > 0
+    assert not proposer.seqs
+    assert engine.pool.num_used == engine.prefix_cache.cached_blocks()
+    assert proposer.pool.num_used == proposer.prefix.cached_blocks()
+    for tree in (engine.prefix_cache, proposer.prefix):
+        assert all(root.lock_ref == 0 for root in tree.roots.values())
+
+
 def _draft_proposer(draft_dir, num_blocks: int, prefix_sharing: bool = False):
     from specache.models.llama import LlamaModel
     from specache.models.loader import load_model
