@@ -3,10 +3,14 @@
 ``logits_to_probs`` is the single place where temperature, top-k, top-p, min-p and the
 penalties are applied. Plain decoding and speculative verification both call it, which is
 what makes speculative sampling lossless: p and q are processed exactly alike.
+
+Draws are inverse-CDF draws (``draw_rows``) with uniforms from a sequence's ``TokenRandom``,
+keyed by the position of the token they decide rather than drawn in order (see TokenRandom).
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -168,41 +172,107 @@ def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(logits).scatter_(1, argmax_rows(logits).unsqueeze(1), 1.0)
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A per-request generator: the same seed gives the same draws, whatever else is batched."""
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
+_MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment
+_USE_GAMMA = 0xD1B54A32D192ED03  # spreads the use ids apart before mixing
 
 
-def sample(probs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One token per row. Greedy rows take the argmax; others draw with their own generator.
+def _mix64(z: int) -> int:
+    """splitmix64's output function: a bijective 64-bit mix (Steele, Lea and Flood 2014)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
-    Generators live on the CPU so a seed gives the same draws on any device; sampled rows are
-    copied to the CPU once (the draw needs a host sync anyway)."""
+
+class TokenRandom:
+    """One sequence's random numbers, keyed by where they are used instead of drawn in order.
+
+    The uniform for the token at position i (prompt + output index) and one use (the draw itself, a
+    model's draft, an acceptance test, a residual draw) is splitmix64's i-th output from a stream
+    key mixed from the seed and the use. Plain decoding draws the token at position i with
+    uniform(i, DRAW), and speculative verification draws every target token it emits with that
+    same uniform: so a seeded request under prompt lookup or lookahead (drafts without a q) gives
+    plain decoding's text token for token, whatever K the controller chose at each step. Nothing
+    depends on the batch, or on how many numbers an earlier step happened to use (an ordered
+    generator's draws, under an adaptive K, depended on its step times).
+    """
+
+    DRAW, DRAFT, ACCEPT, RESIDUAL = 1, 2, 3, 4
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = secrets.randbits(62) if seed is None else int(seed)
+        key = _mix64((self.seed + _GOLDEN_GAMMA) & _MASK64)
+        self._streams = {use: _mix64(key ^ (use * _USE_GAMMA & _MASK64))
+                         for use in (self.DRAW, self.DRAFT, self.ACCEPT, self.RESIDUAL)}
+
+    def uniform(self, position: int, use: int) -> float:
+        """A uniform in [0, 1) for the token at `position`, for one use (DRAW, DRAFT, ...)."""
+        z = _mix64((self._streams[use] + (position + 1) * _GOLDEN_GAMMA) & _MASK64)
+        return (z >> 11) * (1.0 / (1 << 53))
+
+    def uniforms(self, first: int, count: int, use: int) -> list[float]:
+        return [self.uniform(first + j, use) for j in range(count)]
+
+
+# Rows are summed in blocks of this many tokens: a draw finds its block from the block sums and its
+# token from one block's cumulative sum. A float64 cumsum over a 49k vocabulary cost ~0.15 ms a row
+# and torch.multinomial ~1 ms; the block sums are one vectorised pass.
+DRAW_BLOCK = 1024
+
+
+def draw_rows(weights: torch.Tensor, u: torch.Tensor | list[float]) -> list[int]:
+    """Inverse-CDF draw per row of non-negative weights [R, V] (unnormalised), one uniform each.
+
+    The same weights and uniform always give the same token, whoever asks: plain decoding, and
+    verification checking whether plain decoding would have drawn a draft token. Sums are float64,
+    so no token's share is distorted by rounding; a token of zero weight is never drawn.
+    """
+    rows, vocab = weights.shape
+    u = torch.as_tensor(u, dtype=torch.float64, device=weights.device).reshape(rows)
+    nb = -(-vocab // DRAW_BLOCK)
+    padded = weights if nb * DRAW_BLOCK == vocab else torch.nn.functional.pad(weights, (0, nb * DRAW_BLOCK - vocab))
+    blocks = padded.reshape(rows, nb, DRAW_BLOCK)
+    ends = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # [R, nb]: mass up to each block's end
+    total = ends[:, -1]
+    if not bool(torch.isfinite(total).all()) or bool((total <= 0).any()):
+        raise ValueError("sampling: a distribution has no probability mass (NaN/inf logits?)")
+    target = u * total
+    block = torch.searchsorted(ends, target.unsqueeze(1), right=True).squeeze(1).clamp_(max=nb - 1)
+    before = torch.where(block > 0, ends.gather(1, (block - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
+                         torch.zeros_like(target))
+    inside = blocks[torch.arange(rows, device=weights.device), block].cumsum(dim=-1, dtype=torch.float64)
+    offset = torch.searchsorted(inside, (target - before).unsqueeze(1), right=True).squeeze(1)
+    tokens = (block * DRAW_BLOCK + offset).tolist()
+    for r in torch.nonzero(offset >= DRAW_BLOCK).flatten().tolist():
+        # u * total rounded past the last token with weight (the block sums and the block's own
+        # cumulative sum round differently): that token
+        tokens[r] = int(torch.nonzero(weights[r] > 0).flatten()[-1])
+    return tokens
+
+
+def sample(probs: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> list[int]:
+    """One token per row. Greedy rows take the argmax; the others draw with their row's uniform."""
     out = argmax_rows(probs).tolist()
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
-        rows = probs[sampled].float().cpu() if probs.device.type != "cpu" else probs
-        for j, i in enumerate(sampled):
-            row = rows[j] if rows is not probs else probs[i]
-            out[i] = int(torch.multinomial(row, 1, generator=generators[i]).item())
+        rows = probs if len(sampled) == len(params) else probs[sampled]
+        for i, tok in zip(sampled, draw_rows(rows, [uniforms[i] for i in sampled]), strict=True):
+            out[i] = tok
     return out
 
 
 def sample_for_sequences(logits: torch.Tensor, seqs: list) -> list[int]:
-    """One token per row for the sequences the rows belong to (their params, histories, generators)."""
+    """One token per row for the sequences the rows belong to (their params, histories, and the
+    uniform of each one's next position)."""
+    uniforms = [0.0 if s.params.greedy else s.random.uniform(s.num_tokens, TokenRandom.DRAW) for s in seqs]
     return sample_logits(logits, [s.params for s in seqs], [s.prompt_ids for s in seqs],
-                         [s.output_ids for s in seqs], [s.generator for s in seqs])
+                         [s.output_ids for s in seqs], uniforms)
 
 
 def sample_logits(logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
-                  output_ids: list[list[int]], generators: list[torch.Generator]) -> list[int]:
+                  output_ids: list[list[int]], uniforms: list[float]) -> list[int]:
     """One token per row of raw logits. An all-greedy batch without penalties (the common decode
     case) takes the argmax directly: softmax + one-hot over a 49k vocabulary cost ~1 ms a step."""
     if all(p.raw_argmax for p in params):
         return argmax_rows(logits).tolist()
-    return sample(logits_to_probs(logits, params, prompt_ids, output_ids), params, generators)
+    return sample(logits_to_probs(logits, params, prompt_ids, output_ids), params, uniforms)

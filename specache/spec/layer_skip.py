@@ -17,7 +17,6 @@ from specache.engine.runner import BatchItem, ModelRunner
 from specache.engine.sequence import Sequence
 from specache.sampling import logits_to_probs, sample
 from specache.spec.base import Draft, DraftRequest, Proposer
-from specache.spec.draft import DraftGenerators
 
 
 class SelfDraftProposer(Proposer):
@@ -32,7 +31,6 @@ class SelfDraftProposer(Proposer):
         self.runner = runner
         self.num_layers = num_layers
         self.seqs = seqs  # the engine's live sequences by id (for block tables)
-        self.generators = DraftGenerators()
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
@@ -45,12 +43,9 @@ class SelfDraftProposer(Proposer):
             logits = torch.cat(self.runner.run(items, num_layers=self.num_layers))
             params = [r.params for r in live]
             p = logits_to_probs(logits, params, [r.token_ids for r in live], [tokens[r.seq_id] for r in live])
-            for r, tok, row in zip(live, sample(p, params, [self.generators.get(r) for r in live]), p,
+            for r, tok, row in zip(live, sample(p, params, [r.draft_uniform(step) for r in live]), p,
                                    strict=True):
                 tokens[r.seq_id].append(tok)
                 probs[r.seq_id].append(row)
         return [Draft(tokens[r.seq_id], torch.stack(probs[r.seq_id]) if probs[r.seq_id] else None)
                 for r in requests]
-
-    def release(self, seq_id: int) -> None:
-        self.generators.release(seq_id)

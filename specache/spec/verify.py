@@ -7,14 +7,21 @@ Sampled rows: lossless rejection sampling (Leviathan et al. 2023, Chen et al. 20
 x_j with probability min(1, p_j(x_j) / q_j(x_j)); at the first rejection draw from
 normalize(max(0, p_j - q_j)); when all K pass draw the bonus from p_K. The emitted tokens are then
 distributed exactly as plain sampling from p (tests/test_spec_verify.py checks this statistically).
-q is one-hot on the draft token when a proposer gives no probabilities: x is accepted with
-probability p(x) and a rejection draws from p with x removed. That reading is lossless whatever
-distribution x really came from (for any fixed x, P(emit y) = p(y)); it only accepts less often
-than the true q would. So where a proposer's q says q(x) = 0 (its token cannot have come from q),
-that position is read as one-hot too.
 
-Every sampled row draws exactly K + 1 uniforms from its own generator, whatever happens, so a
-seeded request's randomness does not depend on what else is in the batch.
+q is one-hot on the draft token when a proposer gives no probabilities (prompt lookup, lookahead):
+x is accepted with probability p(x) and a rejection draws from p with x removed. Such a row is
+verified by drawing, at each position, the token plain decoding would draw there (the same
+inverse-CDF draw with the same uniform, TokenRandom.DRAW at that position) and accepting while it
+equals the draft: that accepts x with probability exactly p(x), and at the first mismatch emits a
+draw from p conditioned on not x, which is normalize(max(0, p - one_hot(x))). So the text is
+plain decoding's own, token for token for a seeded request, whatever K each step drafted. The
+one-hot reading is lossless whatever distribution x really came from (for any fixed x, P(emit y)
+= p(y)); it only accepts less often than the true q would. So where a proposer's q says q(x) = 0
+(its token cannot have come from q), that position is read as one-hot too.
+
+Rows with a q use the sequence's ACCEPT uniforms for the tests, its RESIDUAL uniform at the
+rejected position, and its DRAW uniform for the bonus (plain decoding's draw there): every number
+is keyed by the position it decides, so a row's outcome does not depend on the batch.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specache.sampling import SamplingParams
+from specache.sampling import SamplingParams, TokenRandom, draw_rows
 
 # Residual mass below this is float noise (p == q up to rounding); rejection there is a ~1e-6
 # event, and drawing from p instead costs at most that much total variation.
@@ -41,34 +48,44 @@ def verify(
     draft_probs: list[torch.Tensor | None],
     target_probs: list[torch.Tensor],
     params: list[SamplingParams],
-    generators: list[torch.Generator],
+    randoms: list[TokenRandom],
+    positions: list[int],
 ) -> list[VerifyResult]:
     """Decide, for each sequence, how much of its draft survives and which token comes next.
 
     target_probs[i] is [len(drafts[i]) + 1, V]: p after each draft prefix plus the bonus position,
     processed by `logits_to_probs` exactly as plain decoding would (penalty histories extended by
     the earlier drafts). draft_probs[i] is [len(drafts[i]), V] or None (deterministic proposer).
+    randoms[i] is the sequence's TokenRandom and positions[i] the position of its first draft token
+    (its length before the step): the uniforms are keyed by the positions they decide.
     """
-    _check_inputs(drafts, draft_probs, target_probs, params, generators)
+    _check_inputs(drafts, draft_probs, target_probs, params, randoms, positions)
     results: list[VerifyResult | None] = [None] * len(drafts)
     greedy = [i for i, sp in enumerate(params) if sp.greedy]
-    sampled = [i for i, sp in enumerate(params) if not sp.greedy]
+    one_hot = [i for i, sp in enumerate(params) if not sp.greedy and draft_probs[i] is None]
+    dense = [i for i, sp in enumerate(params) if not sp.greedy and draft_probs[i] is not None]
     if greedy:
         outs = _verify_greedy([drafts[i] for i in greedy], [target_probs[i] for i in greedy])
         for i, res in zip(greedy, outs, strict=True):
             results[i] = res
-    if sampled:
-        outs = _verify_sampled([drafts[i] for i in sampled], [draft_probs[i] for i in sampled],
-                               [target_probs[i] for i in sampled], [generators[i] for i in sampled])
-        for i, res in zip(sampled, outs, strict=True):
+    if one_hot:
+        outs = _verify_one_hot([drafts[i] for i in one_hot], [target_probs[i] for i in one_hot],
+                               [randoms[i] for i in one_hot], [positions[i] for i in one_hot])
+        for i, res in zip(one_hot, outs, strict=True):
+            results[i] = res
+    if dense:
+        outs = _verify_sampled([drafts[i] for i in dense], [draft_probs[i] for i in dense],
+                               [target_probs[i] for i in dense], [randoms[i] for i in dense],
+                               [positions[i] for i in dense])
+        for i, res in zip(dense, outs, strict=True):
             results[i] = res
     return results  # type: ignore[return-value]  # every slot filled above
 
 
-def _check_inputs(drafts, draft_probs, target_probs, params, generators) -> None:
+def _check_inputs(drafts, draft_probs, target_probs, params, randoms, positions) -> None:
     n = len(drafts)
-    if not (len(draft_probs) == len(target_probs) == len(params) == len(generators) == n):
-        raise ValueError("verify: drafts, draft_probs, target_probs, params and generators differ in length")
+    if not (len(draft_probs) == len(target_probs) == len(params) == len(randoms) == len(positions) == n):
+        raise ValueError("verify: drafts, draft_probs, target_probs, params, randoms and positions differ in length")
     vocab = target_probs[0].shape[-1] if target_probs else 0
     for draft, q, p in zip(drafts, draft_probs, target_probs, strict=True):
         k = len(draft)
@@ -111,15 +128,32 @@ def _argmax_rows(p: torch.Tensor) -> list[int]:
     return p.argmax(dim=-1).tolist()
 
 
-def _verify_sampled(drafts: list[list[int]], qs: list[torch.Tensor | None], ps: list[torch.Tensor],
-                    gens: list[torch.Generator]) -> list[VerifyResult]:
-    # K + 1 uniforms per row from the row's own generator: K acceptance tests + the final draw.
-    uniforms = [torch.rand(len(d) + 1, generator=g, dtype=torch.float64, device=g.device)
-                for d, g in zip(drafts, gens, strict=True)]
-    uniforms = [u if u.device == p.device else u.to(p.device) for u, p in zip(uniforms, ps, strict=True)]
-    counts, q_unusable = _accept_prefixes(drafts, qs, ps, uniforms)
+def _verify_one_hot(drafts: list[list[int]], ps: list[torch.Tensor], randoms: list[TokenRandom],
+                    positions: list[int]) -> list[VerifyResult]:
+    """Rows whose drafts have no q: at each position the token plain decoding draws there (its DRAW
+    uniform), accepted while it equals the draft; the first that differs is the row's last token."""
+    uniforms = [u for d, rnd, pos in zip(drafts, randoms, positions, strict=True)
+                for u in rnd.uniforms(pos, len(d) + 1, TokenRandom.DRAW)]
+    drawn = draw_rows(torch.cat(ps), uniforms)
+    out, start = [], 0
+    for draft in drafts:
+        out.append(verify_greedy_targets(draft, drawn[start: start + len(draft) + 1]))
+        start += len(draft) + 1
+    return out
+
+
+def _verify_sampled(drafts: list[list[int]], qs: list[torch.Tensor], ps: list[torch.Tensor],
+                    randoms: list[TokenRandom], positions: list[int]) -> list[VerifyResult]:
+    """Rejection sampling for rows whose drafts come with their q."""
+    device = ps[0].device
+    accept = [torch.tensor(rnd.uniforms(pos, len(d), TokenRandom.ACCEPT), dtype=torch.float64, device=device)
+              for d, rnd, pos in zip(drafts, randoms, positions, strict=True)]
+    counts, q_unusable = _accept_prefixes(drafts, qs, ps, accept)
     weights = _final_weights(drafts, qs, ps, counts, q_unusable)
-    tokens = _draw_rows(weights, torch.stack([u[-1] for u in uniforms]))
+    # the bonus is plain decoding's own draw at its position; a residual draw has its own uniform
+    last = [rnd.uniform(pos + n, TokenRandom.DRAW if n == len(d) else TokenRandom.RESIDUAL)
+            for d, rnd, pos, n in zip(drafts, randoms, positions, counts, strict=True)]
+    tokens = draw_rows(weights, last)
     return [VerifyResult(draft[:n] + [tok], n) for draft, n, tok in zip(drafts, counts, tokens, strict=True)]
 
 
@@ -142,7 +176,7 @@ def _accept_prefixes(drafts, qs, ps, uniforms) -> tuple[list[int], list[bool]]:
     forced = q_x <= 0
     q_eff = torch.where(forced, torch.ones_like(q_x), q_x)
     # u < p/q written without the division: accepts with probability min(1, p/q) for q > 0.
-    ok = (torch.cat([u[:k] for u, k in zip(uniforms, sizes, strict=True)]) * q_eff < p_x).tolist()
+    ok = (torch.cat(uniforms) * q_eff < p_x).tolist()
     forced_list = forced.tolist()
     counts, q_unusable, start = [], [], 0
     for k in sizes:
@@ -189,22 +223,3 @@ def _residual(p_rows: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
     if low.numel():
         res[low] = p_rows[low]
     return res
-
-
-def _draw_rows(weights: torch.Tensor, u: torch.Tensor) -> list[int]:
-    """Inverse-CDF draw per row of unnormalised non-negative weights [R, V], one uniform per row.
-
-    The CDF is summed in float64 so that no token's share is distorted by rounding; right=True never
-    lands on a zero-weight token, whose CDF equals its predecessor's.
-    """
-    cdf = torch.cumsum(weights, dim=-1, dtype=torch.float64)
-    target = (u.double() * cdf[:, -1]).unsqueeze(1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1).tolist()
-    vocab = weights.shape[1]
-    for r, i in enumerate(idx):
-        if i >= vocab:  # u * total rounded up to total (or no mass at all): the last token with weight
-            positive = torch.nonzero(weights[r] > 0)
-            if not positive.numel():
-                raise ValueError("verify: a target distribution has no probability mass (NaN/inf logits?)")
-            idx[r] = int(positive[-1])
-    return idx
