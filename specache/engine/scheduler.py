@@ -177,12 +177,7 @@ class Scheduler:
         if self.prefix_cache is None or seq.num_computed or seq.block_table:
             return
         match = self.prefix_cache.match_prefix(seq.tokens, seq.cache_salt)
-        if match.num_tokens:
-            self.pool.incref(match.block_ids)
-            seq.block_table = list(match.block_ids)
-            seq.num_computed = match.num_tokens
-            seq.prefix_node = match.last_node
-            self.prefix_cache.lock(match.last_node)
+        self.prefix_cache.adopt(seq, match)
         restored = self._restore_from_host(seq)
         cached = match.num_tokens + restored
         if not seq.num_preemptions or cached >= seq.num_cached_prefix:

@@ -143,6 +143,18 @@ class RadixCache:
         self._stats["hit_tokens"] += pos
         return MatchResult(blocks, pos, node)
 
+    def adopt(self, seq, match: MatchResult) -> None:
+        """Start a sequence that holds no blocks yet from a match: it takes its own reference on
+        each matched block (its block table), counts those tokens as computed, and locks the
+        match's node until it ends (the caller unlocks `seq.prefix_node`)."""
+        if not match.num_tokens:
+            return
+        self.pool.incref(match.block_ids)
+        seq.block_table = list(match.block_ids)
+        seq.num_computed = match.num_tokens
+        seq.prefix_node = match.last_node
+        self.lock(match.last_node)
+
     def lock(self, node: Node) -> None:
         """Protect node and its ancestors from eviction (one count per running sequence)."""
         while node is not None:

@@ -85,13 +85,7 @@ class ModelProposer(Proposer):
         if self.prefix is None:
             return
         self._drop_cache(st)
-        match = self.prefix.match_prefix(st.tokens, st.cache_salt)
-        if match.num_tokens:
-            self.pool.incref(match.block_ids)
-            st.block_table = list(match.block_ids)
-            st.num_computed = match.num_tokens
-            st.prefix_node = match.last_node
-            self.prefix.lock(match.last_node)
+        self.prefix.adopt(st, self.prefix.match_prefix(st.tokens, st.cache_salt))
 
     def _cache_verified(self, st: _DraftSeq) -> None:
         """Hand the full blocks of the sequence's verified tokens to the tree."""
