@@ -244,9 +244,13 @@ def draw_rows(weights: torch.Tensor, u: torch.Tensor | list[float]) -> list[int]
     offset = torch.searchsorted(inside, (target - before).unsqueeze(1), right=True).squeeze(1)
     tokens = (block * DRAW_BLOCK + offset).tolist()
     for r in torch.nonzero(offset >= DRAW_BLOCK).flatten().tolist():
-        # u * total rounded past the last token with weight (the block sums and the block's own
-        # cumulative sum round differently): that token
-        tokens[r] = int(torch.nonzero(weights[r] > 0).flatten()[-1])
+        # The target fell past the chosen block's own cumulative sum (it rounds differently from
+        # the block sums): the block's last token with weight; for u * total rounded up to the
+        # total, past a last block without weight, the row's last token with weight.
+        b = int(block[r])
+        in_block = torch.nonzero(blocks[r, b] > 0).flatten()
+        tokens[r] = b * DRAW_BLOCK + int(in_block[-1]) if in_block.numel() else \
+            int(torch.nonzero(weights[r] > 0).flatten()[-1])
     return tokens
 
 

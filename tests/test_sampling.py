@@ -222,6 +222,19 @@ def test_blocked_draw_is_the_inverse_cdf_draw():
         draw_rows(torch.zeros(1, 10), [0.5])
 
 
+def test_a_target_past_a_blocks_rounded_sum_stays_in_that_block():
+    """Block sums and a block's own cumulative sum round differently: a target at the chosen block's
+    end by its sum but past it by its cumulative sum takes the block's last token with weight, not
+    one from a later block."""
+    w = torch.zeros(1, 2048, dtype=torch.float64)
+    w[0, 0], w[0, 1:1024], w[0, 1024] = 1.0, 2.0 ** -60, 1.0
+    block_sum = float(w[0, :1024].sum())
+    assert block_sum > float(w[0, :1024].cumsum(0)[-1])  # the two roundings differ here
+    total = float(w.reshape(1, 2, 1024).sum(dim=-1).cumsum(dim=-1)[0, -1])
+    u = (1.0 + 2 * 2.0 ** -52) / total  # lands between the cumulative sum (1.0) and the block sum
+    assert draw_rows(w, [u]) == [1023]
+
+
 def test_masked_tokens_are_never_drawn():
     probs = logits_to_probs(rand_logits(1, 10, scale=0.3), [SamplingParams(top_k=3)]).expand(3000, V)
     allowed = set(probs[0].nonzero().flatten().tolist())

@@ -14,7 +14,9 @@ verified by drawing, at each position, the token plain decoding would draw there
 inverse-CDF draw with the same uniform, TokenRandom.DRAW at that position) and accepting while it
 equals the draft: that accepts x with probability exactly p(x), and at the first mismatch emits a
 draw from p conditioned on not x, which is normalize(max(0, p - one_hot(x))). So the text is
-plain decoding's own, token for token for a seeded request, whatever K each step drafted. The
+plain decoding's own, token for token for a seeded request, whatever K each step drafted (where a
+verification pass rounds p differently from a one-row decode step, a draw that lands on a CDF
+boundary can differ, as greedy decoding can at a near-tie). The
 one-hot reading is lossless whatever distribution x really came from (for any fixed x, P(emit y)
 = p(y)); it only accepts less often than the true q would. So where a proposer's q says q(x) = 0
 (its token cannot have come from q), that position is read as one-hot too.
