@@ -130,6 +130,27 @@ def test_a_draft_model_under_preemption_and_prefix_sharing_keeps_output_and_bloc
         assert all(root.lock_ref == 0 for root in tree.roots.values())
 
 
+@pytest.mark.parametrize("prefix", [False, True])
+def test_an_aborted_request_frees_the_draft_models_blocks(tiny_model_dir, draft_dir, prefix):
+    """A client that hangs up mid-generation: the target's and the draft model's blocks come back at
+    once (with prefix caching, only the trees keep the verified prompt blocks), and no per-sequence
+    speculation state stays behind."""
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", speculative=f"draft:{draft_dir}", num_spec_tokens=4,
+              block_size=4, spec_adaptive=False, enable_prefix_caching=prefix)
+    engine, proposer = llm.engine, llm.engine.spec.proposer
+    rid = engine.add_request(_prompts()[0], SamplingParams(max_tokens=50, temperature=0.8, seed=1))
+    for _ in range(4):
+        engine.step()
+    assert proposer.pool.num_used > 0 and proposer.seqs
+    engine.abort(rid)
+    assert not engine.has_unfinished() and not proposer.seqs and not engine.spec.controller.seqs
+    if prefix:
+        assert engine.pool.num_used == engine.prefix_cache.cached_blocks()
+        assert proposer.pool.num_used == proposer.prefix.cached_blocks() > 0
+    else:
+        assert engine.pool.all_free() and proposer.pool.all_free()
+
+
 def _draft_proposer(draft_dir, num_blocks: int, prefix_sharing: bool = False):
     from specache.models.llama import LlamaModel
     from specache.models.loader import load_model
