@@ -105,23 +105,68 @@ def apply_penalties(
     return logits
 
 
+# Top-k / top-p / min-p look for a row's kept tokens among its best this-many first (torch.topk), and
+# go on to more, up to sorting the whole vocabulary, only for rows whose set reaches past them. A
+# full sort of a 49k vocabulary cost ~4 ms a row (40 ms for a 17-row verification with top_p), topk
+# of 256 ~0.1 ms.
+FILTER_CANDIDATES = (256, 4096)
+
+
 def _top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                        min_p: torch.Tensor) -> torch.Tensor:
-    """Mask logits [N, V] outside each row's top-k / nucleus / min-p set with -inf."""
+    """Mask logits [N, V] outside each row's top-k / nucleus / min-p set with -inf (rows with none
+    of the three as they are)."""
+    rows, vocab = logits.shape
+    filtered = (top_k > 0) | (top_p < 1) | (min_p > 0)
+    if not bool(filtered.any()):
+        return logits
+    out = torch.full_like(logits, float("-inf"))
+    if not bool(filtered.all()):
+        out[~filtered] = logits[~filtered]
+    pending = torch.nonzero(filtered).flatten()
+    for count in (*FILTER_CANDIDATES, vocab):
+        every = pending.numel() == rows  # all rows: no gather of whole rows
+        kept, tokens, decided = _filter_among_best(logits if every else logits[pending], top_k[pending],
+                                                   top_p[pending], min_p[pending], min(count, vocab))
+        if every and bool(decided.all()):
+            return out.scatter_(1, tokens, kept)
+        done = pending[decided]
+        out[done] = torch.full((done.numel(), vocab), float("-inf"), dtype=logits.dtype,
+                               device=logits.device).scatter_(1, tokens[decided], kept[decided])
+        pending = pending[~decided]
+        if not pending.numel():
+            break
+    return out
+
+
+def _filter_among_best(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                       count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The filters applied to each row's `count` best tokens: their logits (-inf where removed), their
+    token ids, and whether the row's whole set is decided there (every token past them removed: by
+    top-k, by the nucleus, which the candidates' mass already fills, or by min-p, which the last
+    candidate already falls below). Probabilities are the row's after top-k (as plain decoding's)."""
     vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(1)
-    remove = ranks >= k
-    sorted_probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    values, tokens = logits.topk(count, dim=-1)  # descending
+    ranks = torch.arange(count, device=logits.device)
+    k_on = top_k > 0
+    remove = ranks >= torch.where(k_on, top_k, vocab).unsqueeze(1)
+    # normalised over the top-k set (inside the candidates whenever the row is decided), else the row
+    norm = values.masked_fill(remove, float("-inf")).logsumexp(dim=-1)
+    if not bool(k_on.all()):
+        norm = torch.where(k_on, norm, logits.logsumexp(dim=-1))
+    probs = (values - norm.unsqueeze(1)).exp().masked_fill(remove, 0.0)
+    mass = probs.cumsum(dim=-1)
     # Nucleus: drop a token when the mass strictly before it already reaches top_p. Rows with
     # top_p = 1 skip it: float32 cumsum reaches 1.0 before the tail and would drop rare tokens.
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    remove |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
-    remove |= sorted_probs < (min_p.unsqueeze(1) * sorted_probs[:, :1])
+    remove |= ((mass - probs) >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+    remove |= probs < (min_p.unsqueeze(1) * probs[:, :1])
     remove[:, 0] = False  # always keep the most likely token
-    mask = torch.zeros_like(remove).scatter(1, order, remove)
-    return logits.masked_fill(mask, float("-inf"))
+    if count == vocab:
+        decided = torch.ones_like(k_on)
+    else:
+        decided = (k_on & (top_k <= count)) | ((top_p < 1) & (mass[:, -1] >= top_p)) | \
+            ((min_p > 0) & (probs[:, -1] < min_p * probs[:, 0]))
+    return values.masked_fill(remove, float("-inf")), tokens, decided
 
 
 def logits_to_probs(
@@ -149,9 +194,10 @@ def logits_to_probs(
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
     logits = logits / temps.unsqueeze(1)
     if any((p.top_k > 0 or p.top_p < 1 or p.min_p > 0) and not p.greedy for p in params):
-        top_k = torch.tensor([p.top_k for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        min_p = torch.tensor([p.min_p for p in params], device=device)
+        # greedy rows are left unfiltered: their one-hot argmax replaces whatever is computed here
+        top_k = torch.tensor([0 if p.greedy else max(p.top_k, 0) for p in params], device=device)
+        top_p = torch.tensor([1.0 if p.greedy else p.top_p for p in params], device=device)
+        min_p = torch.tensor([0.0 if p.greedy else p.min_p for p in params], device=device)
         logits = _top_k_top_p_min_p(logits, top_k, top_p, min_p)
     probs = logits.softmax(dim=-1)
     if greedy.any():

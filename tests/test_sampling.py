@@ -358,6 +358,39 @@ def test_eos_stops_unless_ignore_eos(llm):
     assert ignored.token_ids == ref and ignored.finish_reason == "length"
 
 
+def _filtered_by_full_sort(logits, top_k, top_p, min_p):
+    """The filters over each row's whole sorted vocabulary: what the candidate search must equal."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    remove = torch.arange(vocab).expand_as(sorted_logits) >= torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
+    sorted_probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    remove |= ((sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+    remove |= sorted_probs < (min_p.unsqueeze(1) * sorted_probs[:, :1])
+    remove[:, 0] = False
+    return logits.masked_fill(torch.zeros_like(remove).scatter(1, order, remove), float("-inf"))
+
+
+def test_filters_on_a_large_vocabulary_match_a_full_sort():
+    """Top-k / top-p / min-p search each row's best 256 tokens first, then 4096, then sort the whole
+    row: peaked rows are decided among the first, flat rows (a nucleus of thousands) and a top-k past
+    256 go on; every row keeps exactly the tokens a full sort keeps."""
+    from specache.sampling import _top_k_top_p_min_p
+
+    g = torch.Generator().manual_seed(11)
+    vocab = 20_000
+    scales = [4.0, 4.0, 0.5, 0.05, 4.0, 0.05, 2.0, 4.0]  # peaked, flat and nearly uniform rows
+    logits = torch.randn(len(scales), vocab, generator=g) * torch.tensor(scales).unsqueeze(1)
+    top_k = torch.tensor([0, 50, 0, 0, 1000, 0, 0, -1])
+    top_p = torch.tensor([0.9, 1.0, 0.95, 0.9, 1.0, 1.0, 0.5, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.01, 0.05, 0.0])
+    got = _top_k_top_p_min_p(logits, top_k, top_p, min_p)
+    want = _filtered_by_full_sort(logits, top_k, top_p, min_p)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    assert torch.equal(got[torch.isfinite(got)], logits[torch.isfinite(want)])
+    kept = torch.isfinite(got).sum(dim=-1).tolist()
+    assert kept[0] < 256 and kept[1] == 50 and kept[2] > 4096 and kept[7] == vocab  # every tier used
+
+
 def test_top_p_one_keeps_a_vanishing_tail():
     """float32 cumsum reaches 1.0 before the last tokens; top_p = 1 must not drop them."""
     logits = torch.zeros(1, V)
