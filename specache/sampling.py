@@ -164,8 +164,10 @@ def _filter_among_best(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     if count == vocab:
         decided = torch.ones_like(k_on)
     else:
-        decided = (k_on & (top_k <= count)) | ((top_p < 1) & (mass[:, -1] >= top_p)) | \
-            ((min_p > 0) & (probs[:, -1] < min_p * probs[:, 0]))
+        # A top-k row is decided only once its set is inside: until then its probabilities are
+        # normalised over the candidates, not over its top-k set, and its nucleus would be too small.
+        cut_past = ((top_p < 1) & (mass[:, -1] >= top_p)) | ((min_p > 0) & (probs[:, -1] < min_p * probs[:, 0]))
+        decided = torch.where(k_on, top_k <= count, cut_past)
     return values.masked_fill(remove, float("-inf")), tokens, decided
 
 

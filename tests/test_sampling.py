@@ -378,17 +378,26 @@ def test_filters_on_a_large_vocabulary_match_a_full_sort():
 
     g = torch.Generator().manual_seed(11)
     vocab = 20_000
-    scales = [4.0, 4.0, 0.5, 0.05, 4.0, 0.05, 2.0, 4.0]  # peaked, flat and nearly uniform rows
+    scales = [4.0, 4.0, 0.5, 0.05, 4.0, 0.05, 2.0, 4.0, 2.0]  # peaked, flat and nearly uniform rows
     logits = torch.randn(len(scales), vocab, generator=g) * torch.tensor(scales).unsqueeze(1)
-    top_k = torch.tensor([0, 50, 0, 0, 1000, 0, 0, -1])
-    top_p = torch.tensor([0.9, 1.0, 0.95, 0.9, 1.0, 1.0, 0.5, 1.0])
-    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.01, 0.05, 0.0])
+    # the last row: min-p cuts inside the best 256, but its nucleus is over a top-k set past them
+    top_k = torch.tensor([0, 50, 0, 0, 1000, 0, 0, -1, 2000])
+    top_p = torch.tensor([0.9, 1.0, 0.95, 0.9, 1.0, 1.0, 0.5, 1.0, 0.3])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.01, 0.05, 0.0, 0.2])
     got = _top_k_top_p_min_p(logits, top_k, top_p, min_p)
     want = _filtered_by_full_sort(logits, top_k, top_p, min_p)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want))
     assert torch.equal(got[torch.isfinite(got)], logits[torch.isfinite(want)])
     kept = torch.isfinite(got).sum(dim=-1).tolist()
     assert kept[0] < 256 and kept[1] == 50 and kept[2] > 4096 and kept[7] == vocab  # every tier used
+    # min-p cuts inside the best 256, but the nucleus is over a top-k set of 2000: ten top tokens
+    # hold 3.6% of it (all kept at top_p = 0.1), though 23% of the best 256 alone
+    crafted = torch.full((1, vocab), -10.0)
+    crafted[0, :10] = 10.0 - 0.001 * torch.arange(10)
+    crafted[0, 10:2000] = 8.0 - 1e-4 * torch.arange(1990)
+    args = torch.tensor([2000]), torch.tensor([0.1]), torch.tensor([0.2])
+    assert torch.equal(torch.isfinite(_top_k_top_p_min_p(crafted, *args)),
+                       torch.isfinite(_filtered_by_full_sort(crafted, *args)))
 
 
 def test_top_p_one_keeps_a_vanishing_tail():
