@@ -283,7 +283,8 @@ class SpecDecoder:
             off = seq.seq_id in wanted or (self.proposer.free_to_draft and s.num_spec_slots == 0 and
                                            self.controller.is_off_for_acceptance(self._key(seq.seq_id, True), kind))
             if pending is None and off and s.num_new_tokens == 1 and seq.output_ids:
-                draft = self.proposer.shadow_draft(DraftRequest(seq.seq_id, seq.tokens, self.max_k, seq.params))
+                draft = self.proposer.shadow_draft(DraftRequest(seq.seq_id, seq.tokens, self.max_k, seq.params,
+                                                                seq.random, seq.cache_salt))
                 if draft:
                     self._shadows[seq.seq_id] = (len(seq.tokens), list(draft), kind)
 
