@@ -54,6 +54,49 @@ def test_int8_linear_rows_do_not_depend_on_the_batch(native):
         assert torch.equal(native.int8_linear(x[i: i + 1], q, scale)[0], together[i])
 
 
+def _dense_layouts(native, w: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+    """(weights, packed) for every path dense_linear has on this CPU: the row-major GEMV, and the
+    AVX512-BF16 layout where bf16_pack returns one."""
+    packed = native.bf16_pack(w)
+    return [(w, False)] + ([(packed, True)] if packed.numel() else [])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 17, 40])
+@pytest.mark.parametrize("n,k", [(64, 64), (960, 576), (48, 38), (37, 577)])
+def test_dense_linear_matches_float64(native, rows, n, k):
+    torch.manual_seed(rows * 1000 + n + k)
+    w = (torch.randn(n, k) / k ** 0.5).bfloat16()
+    x = torch.randn(rows, k)
+    for weights, packed in _dense_layouts(native, w):
+        expected = x.bfloat16().double() @ w.double().t() if packed else x.double() @ w.double().t()
+        got = native.dense_linear(x, weights, packed)
+        assert got.dtype == torch.float32 and got.shape == (rows, n)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+        got_bf16 = native.dense_linear(x.bfloat16(), weights, packed)  # bf16 in and out, fp32 sums
+        assert got_bf16.dtype == torch.bfloat16
+        torch.testing.assert_close(got_bf16.double(), x.bfloat16().double() @ w.double().t(), rtol=8e-3, atol=1e-3)
+
+
+def test_dense_linear_rows_do_not_depend_on_the_batch(native):
+    """Each output is one fp32 sum in a fixed order whatever the number of rows, unlike PyTorch's
+    bf16 GEMM: a verification step's rows then get the values their one-row decode steps would."""
+    torch.manual_seed(0)
+    w = (torch.randn(576, 1536) * 0.02).bfloat16()
+    x = torch.randn(64, 1536).bfloat16()
+    for weights, packed in _dense_layouts(native, w):
+        together = native.dense_linear(x, weights, packed)
+        for rows in (1, 2, 5, 8, 9, 17):
+            assert torch.equal(native.dense_linear(x[:rows], weights, packed), together[:rows])
+        for i in range(0, 64, 7):
+            assert torch.equal(native.dense_linear(x[i: i + 1], weights, packed)[0], together[i])
+
+
+def test_bf16_pack_leaves_unpackable_shapes_alone(native):
+    assert native.bf16_pack(torch.randn(15, 64).bfloat16()).numel() == 0  # outputs not a multiple of 16
+    assert native.bf16_pack(torch.randn(16, 63).bfloat16()).numel() == 0  # an odd number of inputs
+    assert native.dense_linear(torch.randn(0, 64), torch.randn(16, 64).bfloat16()).shape == (0, 16)
+
+
 def test_int8_linear_rejects_bad_shapes(native):
     q, scale = _quantize(torch.randn(16, 32))
     with pytest.raises(RuntimeError, match="shapes"):

@@ -107,22 +107,32 @@ def test_greedy_speculative_output_equals_plain_on_the_real_model(real_model_dir
         assert outs[0].metrics["spec_accepted_tokens"] > 0
 
 
-@pytest.mark.parametrize("method", ["ngram", "lookahead", "auto"])
-def test_greedy_speculative_output_equals_plain_with_int8_weights_in_bf16(real_model_dir, method):
-    """On the native int8 path every row is computed by the same instructions whatever its batch,
-    so exactness holds in bf16 with int8 weights too, not only in fp32."""
+@pytest.mark.parametrize("weight_format,method", [("int8", "ngram"), ("int8", "lookahead"), ("int8", "auto"),
+                                                  ("dense", "ngram"), ("dense", "lookahead"), ("dense", "auto"),
+                                                  ("hybrid", "ngram")])
+def test_greedy_speculative_output_equals_plain_in_bf16(real_model_dir, weight_format, method):
+    """On the native int8 and dense bf16 paths every row is computed by the same instructions
+    whatever its batch, so exactness holds in bf16 too, not only in fp32 (PyTorch's bf16 GEMM, which
+    dense weights used to go through, parted from plain decoding's text at near-ties)."""
     from specache import LLM
+    from specache.bench.spec import TASKS
 
-    options = dict(model=str(real_model_dir), dtype="bfloat16", weight_format="int8", kv_cache_memory="256MiB")
-    params = SamplingParams(max_tokens=48, temperature=0)
+    options = dict(model=str(real_model_dir), dtype="bfloat16", weight_format=weight_format, kv_cache_memory="256MiB")
+    params = SamplingParams(max_tokens=72, temperature=0)
     with LLM(**options) as plain_llm:
         record = "Order 8812: 3 x USB-C cable (2 m), 1 x 65 W charger, ship to 14 Rue de Rivoli, Paris."
+        # The last two: on PyTorch's bf16 GEMM, prompt lookup parted from plain decoding on them
         prompts = [_chat_ids(plain_llm, f"Repeat this order exactly, then summarise it:\n\n{record}"),
                    _chat_ids(plain_llm, "Describe a sunrise over the sea."),
-                   _chat_ids(plain_llm, "List five prime numbers and explain why each is prime.")]
+                   _chat_ids(plain_llm, "List five prime numbers and explain why each is prime."),
+                   _chat_ids(plain_llm, TASKS["code edit"][0]), _chat_ids(plain_llm, TASKS["open-ended chat"][1])]
+        # One request at a time too: a one-row decode step against a multi-row verification step
+        # is where a GEMM that blocks by row count parts (a batch of 5 rows against 25 did not)
         plain = [o.token_ids for o in plain_llm.generate(prompts, params)]
+        plain_alone = [plain_llm.generate([p], params)[0].token_ids for p in prompts]
     with LLM(**options, speculative=method, num_spec_tokens=4, spec_adaptive=False) as spec:
         outs = spec.generate(prompts, params)
         assert [o.token_ids for o in outs] == plain
+        assert [spec.generate([p], params)[0].token_ids for p in prompts] == plain_alone
         assert spec.engine.pool.all_free()
     assert sum(o.metrics["spec_accepted_tokens"] for o in outs) > 0

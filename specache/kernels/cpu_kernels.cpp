@@ -3,6 +3,8 @@
 //    (tile_pack), multiply two int8 limbs of each activation row (int8 x int8, exact int32 sums)
 //    on the tile unit or with VPDPBUSD; elsewhere an AVX-512 or AVX2 GEMV streams each int8
 //    weight row once for all rows of x (memory speed).
+//  - dense_linear: y = x @ w^T for bf16 weights through the same GEMV, whose outputs do not depend
+//    on how many rows x has (PyTorch's bf16 GEMM's do, in the last bit).
 //  - paged_attention: attention of every sequence of a step in one call, reading its K/V straight
 //    from the flat slot arrays (no gather copy, no per-sequence kernel launch).
 //  - FusedDecoder: a whole decode / verification step of the decoder layers in one call.
@@ -37,6 +39,9 @@ constexpr int64_t kRowTile = 8;  // weight rows per task unit (read once for all
 constexpr int64_t kMaxXRows = 16;  // activation rows per register tile
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head that the attention kernel takes
 
+// A weight row's dot product times its scale (int8 weights), or as it is (scale null: bf16 weights).
+inline float scaled(float dot, const float* scale, int r) { return scale == nullptr ? dot : dot * scale[r]; }
+
 
 #ifdef SPECACHE_AVX512
 // 16 floats from fp32 or bf16 (masked lanes read as 0).
@@ -61,10 +66,17 @@ inline __m512 load_int8x16(const int8_t* p, __mmask16 m) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
-// out[m][r] = scale[r] * dot(w[r], x[m]) for R weight rows and M activation rows (fp32 activations).
-// Full 16-wide steps without masks; one masked step for a K that is not a multiple of 16.
-template <int R, int M>
-inline void dot_tile(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t k, float* out,
+// 16 weights widened to fp32: int8 (one scale per row, applied after the dot) or bf16 (dense).
+inline __m512 load_weights16(const int8_t* p) { return load_int8x16(p); }
+inline __m512 load_weights16(const int8_t* p, __mmask16 m) { return load_int8x16(p, m); }
+inline __m512 load_weights16(const at::BFloat16* p) { return load16(p, 0xFFFF); }
+inline __m512 load_weights16(const at::BFloat16* p, __mmask16 m) { return load16(p, m); }
+
+// out[m][r] = scale[r] * dot(w[r], x[m]) for R weight rows and M activation rows (fp32 activations;
+// int8 weights with their row scales, or bf16 weights and no scale). Full 16-wide steps without
+// masks; one masked step for a K that is not a multiple of 16.
+template <typename W, int R, int M>
+inline void dot_tile(const W* w, int64_t ldw, const float* x, int64_t ldx, int64_t k, float* out,
                      int64_t ldo, const float* scale) {
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
@@ -72,11 +84,12 @@ inline void dot_tile(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, 
   // The next tile's rows follow this one in memory: prefetch them while this one computes (a row is
   // only a few cache lines, too short for the hardware prefetcher to ramp up on).
   const char* next = reinterpret_cast<const char*>(w + R * ldw);
+  constexpr int64_t bytes = sizeof(W);
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
-    for (int p = 0; p < R * 16; p += 64) _mm_prefetch(next + i * R + p, _MM_HINT_T0);
+    for (int p = 0; p < R * 16 * bytes; p += 64) _mm_prefetch(next + i * R * bytes + p, _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
-      const __m512 wv = load_int8x16(w + r * ldw + i);
+      const __m512 wv = load_weights16(w + r * ldw + i);
       // x straight from L1 as the FMA's memory operand: R * M accumulators take the registers.
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * ldx + i), acc[r][m]);
     }
@@ -86,12 +99,12 @@ inline void dot_tile(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, 
     __m512 xs[M];
     for (int m = 0; m < M; ++m) xs[m] = _mm512_maskz_loadu_ps(mask, x + m * ldx + i);
     for (int r = 0; r < R; ++r) {
-      const __m512 wv = load_int8x16(w + r * ldw + i, mask);
+      const __m512 wv = load_weights16(w + r * ldw + i, mask);
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xs[m], acc[r][m]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) out[m * ldo + r] = _mm512_reduce_add_ps(acc[r][m]) * scale[r];
+    for (int m = 0; m < M; ++m) out[m * ldo + r] = scaled(_mm512_reduce_add_ps(acc[r][m]), scale, r);
 }
 
 // Activation rows as two int8 "limbs" (the AMX and AVX512-VNNI paths multiply int8 by int8 with
@@ -192,6 +205,12 @@ inline __m256 load_int8x8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+inline __m256 load_weights8(const int8_t* p) { return load_int8x8(p); }
+inline __m256 load_weights8(const at::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -203,19 +222,20 @@ inline float hsum8(__m256 v) {
 // row: a 17-row verification step of the hybrid target cost 12.6x a one-row step (AMD EPYC, AVX2).
 // Each accumulator sums its own row in a fixed order whatever R and M are, so a row's result does
 // not depend on the batch it is in (greedy speculation equals plain decoding bit for bit).
-template <int R, int M>
-inline void dot_tile(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t k, float* out,
+template <typename W, int R, int M>
+inline void dot_tile(const W* w, int64_t ldw, const float* x, int64_t ldx, int64_t k, float* out,
                      int64_t ldo, const float* scale) {
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
   const char* next = reinterpret_cast<const char*>(w + R * ldw);
+  constexpr int64_t bytes = sizeof(W);
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
-    if (i % 64 == 0)
-      for (int p = 0; p < R * 64; p += 64) _mm_prefetch(next + i * R + p, _MM_HINT_T0);
+    if (i * bytes % 64 == 0)
+      for (int p = 0; p < R * 64; p += 64) _mm_prefetch(next + i * R * bytes + p, _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
-      const __m256 wv = load_int8x8(w + r * ldw + i);
+      const __m256 wv = load_weights8(w + r * ldw + i);
       for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + i), acc[r][m]);
     }
   }
@@ -223,25 +243,24 @@ inline void dot_tile(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, 
     for (int m = 0; m < M; ++m) {
       float sum = hsum8(acc[r][m]);
       for (int64_t j = i; j < k; ++j) sum += static_cast<float>(w[r * ldw + j]) * x[m * ldx + j];
-      out[m * ldo + r] = sum * scale[r];
+      out[m * ldo + r] = scaled(sum, scale, r);
     }
 }
 #else
-template <int R, int M>
-inline void dot_tile(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t k, float* out,
+template <typename W, int R, int M>
+inline void dot_tile(const W* w, int64_t ldw, const float* x, int64_t ldx, int64_t k, float* out,
                      int64_t ldo, const float* scale) {
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
       float acc = 0.f;
-      const int8_t* wr = w + r * ldw;
+      const W* wr = w + r * ldw;
       const float* xm = x + m * ldx;
 #pragma omp simd reduction(+ : acc)
       for (int64_t i = 0; i < k; ++i) acc += static_cast<float>(wr[i]) * xm[i];
-      out[m * ldo + r] = acc * scale[r];
+      out[m * ldo + r] = scaled(acc, scale, r);
     }
 }
 #endif
-
 // Weight rows per dot_tile for M activation rows: R * M accumulators stay in registers (32 on
 // AVX-512, 16 on AVX2, where two more hold a widened weight and an activation).
 template <int M>
@@ -253,22 +272,24 @@ constexpr int tile_rows() {
 #endif
 }
 
-// A tile of `rows` weight rows: sub-tiles of R rows (the int8 -> fp32 widening of a weight is
-// shared by the M activation rows), then single rows.
-template <int M>
-void row_tile(const int8_t* w, int64_t k, const float* x, float* y, int64_t n, const float* scale, int64_t r,
+// A tile of `rows` weight rows: sub-tiles of R rows (the widening of a weight to fp32 is shared by
+// the M activation rows), then single rows.
+template <typename W, int M>
+void row_tile(const W* w, int64_t k, const float* x, float* y, int64_t n, const float* scale, int64_t r,
               int64_t rows) {
   constexpr int R = tile_rows<M>();
+  const float* no_scale = nullptr;
   int64_t i = r;
-  for (; i + R <= r + rows; i += R) dot_tile<R, M>(w + i * k, k, x, k, k, y + i, n, scale + i);
-  for (; i < r + rows; ++i) dot_tile<1, M>(w + i * k, k, x, k, k, y + i, n, scale + i);
+  for (; i + R <= r + rows; i += R) dot_tile<W, R, M>(w + i * k, k, x, k, k, y + i, n, scale ? scale + i : no_scale);
+  for (; i < r + rows; ++i) dot_tile<W, 1, M>(w + i * k, k, x, k, k, y + i, n, scale ? scale + i : no_scale);
 }
 
-using RowTileFn = void (*)(const int8_t*, int64_t, const float*, float*, int64_t, const float*, int64_t, int64_t);
+template <typename W>
+using RowTileFn = void (*)(const W*, int64_t, const float*, float*, int64_t, const float*, int64_t, int64_t);
 
-template <size_t... Ms>
-constexpr std::array<RowTileFn, sizeof...(Ms)> row_tiles(std::index_sequence<Ms...>) {
-  return {&row_tile<static_cast<int>(Ms + 1)>...};
+template <typename W, size_t... Ms>
+constexpr std::array<RowTileFn<W>, sizeof...(Ms)> row_tiles(std::index_sequence<Ms...>) {
+  return {&row_tile<W, static_cast<int>(Ms + 1)>...};
 }
 
 #ifdef SPECACHE_AVX2
@@ -280,17 +301,21 @@ constexpr int64_t kXRowsPerPass = 6;
 constexpr int64_t kXRowsPerPass = kMaxXRows;
 #endif
 
-// kRowTiles[M - 1] for the 1 .. kXRowsPerPass activation rows a pass can take
-constexpr auto kRowTiles = row_tiles(std::make_index_sequence<kXRowsPerPass>());
+// kRowTiles<W>[M - 1] for the 1 .. kXRowsPerPass activation rows a pass can take
+template <typename W>
+constexpr auto kRowTiles = row_tiles<W>(std::make_index_sequence<kXRowsPerPass>());
 
 // Rows row_begin .. row_end of y = x @ w^T; the activation rows go in groups of kXRowsPerPass inside
-// each weight tile, so a tile is read from memory once and from L1 by the later groups.
-void rows_any(const int8_t* w, int64_t k, const float* x, int64_t m_rows, float* y, int64_t n,
+// each weight tile, so a tile is read from memory once and from L1 by the later groups. Each output
+// is one accumulator's sum in a fixed order, whatever the number of rows: a row's result does not
+// depend on the batch it is in.
+template <typename W>
+void rows_any(const W* w, int64_t k, const float* x, int64_t m_rows, float* y, int64_t n,
               const float* scale, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; r += kRowTile) {
     const int64_t rows = std::min(kRowTile, row_end - r);
     for (int64_t m = 0; m < m_rows; m += kXRowsPerPass)
-      kRowTiles[std::min(kXRowsPerPass, m_rows - m) - 1](w, k, x + m * k, y + m * n, n, scale, r, rows);
+      kRowTiles<W>[std::min(kXRowsPerPass, m_rows - m) - 1](w, k, x + m * k, y + m * n, n, scale, r, rows);
   }
 }
 
@@ -583,13 +608,20 @@ torch::Tensor vnni_pack(const torch::Tensor& q) {
 namespace {
 
 // y[M, N] = x[M, K] @ (w * scale)^T, split over threads by whole weight-row tiles.
-void int8_gemm(const int8_t* w, const float* scale, const float* x, int64_t m, int64_t k, int64_t n, float* y) {
+// y = x @ (w * scale)^T for fp32 rows x [M, K] and weights w [N, K] (int8 with row scales, or bf16
+// with scale null), the GEMV of rows_any split over the weight rows.
+template <typename W>
+void weight_gemm(const W* w, const float* scale, const float* x, int64_t m, int64_t k, int64_t n, float* y) {
   // Grain: at least ~64 KB of weights per task, so small layers do not pay for waking a thread.
   const int64_t tiles = (n + kRowTile - 1) / kRowTile;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(k * kRowTile, 1));
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(k * kRowTile * int64_t(sizeof(W)), 1));
   at::parallel_for(0, tiles, grain, [&](int64_t tb, int64_t te) {
     rows_any(w, k, x, m, y, n, scale, tb * kRowTile, std::min(n, te * kRowTile));
   });
+}
+
+void int8_gemm(const int8_t* w, const float* scale, const float* x, int64_t m, int64_t k, int64_t n, float* y) {
+  weight_gemm(w, scale, x, m, k, n, y);
 }
 
 }  // namespace
@@ -674,6 +706,128 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
   auto y = torch::empty({xf.size(0), q.size(0)}, xf.options());
   quant_gemm(q.data_ptr<int8_t>(), tiled ? packed->data_ptr<int8_t>() : nullptr, scale.data_ptr<float>(),
              xf.data_ptr<float>(), xf.size(0), xf.size(1), q.size(0), y.data_ptr<float>());
+  return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
+}
+
+#if defined(__AVX512BF16__) && defined(SPECACHE_AVX512)
+#define SPECACHE_BF16_GEMM 1
+namespace {
+// bf16 weights [N, K] re-laid for VDPBF16PS (bf16_pack): blocks of 16 outputs, a block's K * 16
+// values consecutive; inside a block, for each input pair (2j, 2j + 1), 64 bytes holding that pair
+// of each of the 16 outputs. One instruction then adds a pair of products to 16 outputs' fp32
+// sums, with no horizontal reduction at the end.
+constexpr int64_t kBf16Block = 16;
+constexpr int kBf16XRows = 8;  // activation rows per pass over a group of weight blocks
+
+// Blocks per tile for M activation rows: RB * M accumulators + RB weight vectors + a broadcast
+// fit the 32 registers.
+template <int M>
+constexpr int bf16_blocks() { return M <= 2 ? 8 : M <= 3 ? 6 : M <= 6 ? 4 : 3; }
+
+// y[m][16 b + o] = dot(x[m], w[16 b + o]) for RB blocks and M rows of x (as bf16 pairs). Each
+// output is one fp32 lane that adds its pairs of products in input order: the same sums whatever
+// RB and M are.
+template <typename Out, int RB, int M>
+inline void bf16_tile(const at::BFloat16* w, int64_t pairs, const int32_t* x, int64_t ldx, Out* y, int64_t ldy) {
+  __m512 acc[RB][M];
+  for (int b = 0; b < RB; ++b)
+    for (int m = 0; m < M; ++m) acc[b][m] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512bh wv[RB];
+    for (int b = 0; b < RB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(w + (b * pairs + j) * 2 * kBf16Block);
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * ldx + j]);
+      for (int b = 0; b < RB; ++b) acc[b][m] = _mm512_dpbf16_ps(acc[b][m], wv[b], xv);
+    }
+  }
+  for (int b = 0; b < RB; ++b)
+    for (int m = 0; m < M; ++m) store16(acc[b][m], y + m * ldy + b * kBf16Block);
+}
+
+// Blocks block_begin .. block_end for M rows: tiles of bf16_blocks<M>() blocks, then single blocks.
+template <typename Out, int M>
+void bf16_blocks_rows(const at::BFloat16* w, int64_t pairs, const int32_t* x, int64_t ldx, Out* y, int64_t ldy,
+                      int64_t block_begin, int64_t block_end) {
+  constexpr int RB = bf16_blocks<M>();
+  const int64_t block_size = pairs * 2 * kBf16Block;
+  int64_t b = block_begin;
+  for (; b + RB <= block_end; b += RB)
+    bf16_tile<Out, RB, M>(w + b * block_size, pairs, x, ldx, y + b * kBf16Block, ldy);
+  for (; b < block_end; ++b) bf16_tile<Out, 1, M>(w + b * block_size, pairs, x, ldx, y + b * kBf16Block, ldy);
+}
+
+template <typename Out>
+using Bf16RowsFn = void (*)(const at::BFloat16*, int64_t, const int32_t*, int64_t, Out*, int64_t, int64_t, int64_t);
+
+template <typename Out, size_t... Ms>
+constexpr std::array<Bf16RowsFn<Out>, sizeof...(Ms)> bf16_row_fns(std::index_sequence<Ms...>) {
+  return {&bf16_blocks_rows<Out, static_cast<int>(Ms + 1)>...};
+}
+
+// y [M, N] = x [M, K] @ w^T from the packed weights; x as bf16 pairs (K even).
+template <typename Out>
+void bf16_gemm(const at::BFloat16* packed, const int32_t* x, int64_t m, int64_t k, int64_t n, Out* y) {
+  static constexpr auto fns = bf16_row_fns<Out>(std::make_index_sequence<kBf16XRows>());
+  const int64_t pairs = k / 2, blocks = n / kBf16Block;
+  // Tasks of a few blocks (~64 KB of weights each), every row of x going through a task's blocks
+  // kBf16XRows at a time while they are in cache.
+  const int64_t grain = std::max<int64_t>(1, 65536 / (k * kBf16Block * 2));
+  at::parallel_for(0, blocks, grain, [&](int64_t bb, int64_t be) {
+    for (int64_t g = bb; g < be; g += 8) {  // 8 blocks (128 outputs) at a time stay in L2 for every row
+      const int64_t ge = std::min(be, g + 8);
+      for (int64_t r = 0; r < m; r += kBf16XRows) {
+        const int64_t rows = std::min<int64_t>(kBf16XRows, m - r);
+        fns[rows - 1](packed, pairs, x + r * pairs, pairs, y + r * n, n, g, ge);
+      }
+    }
+  });
+}
+}  // namespace
+#endif
+
+// w [N, K] bf16 in the layout of bf16_gemm where it runs (N % 16 == 0, K even), else an empty tensor.
+torch::Tensor bf16_pack(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16, "bf16_pack: w must be 2-D bf16");
+#ifdef SPECACHE_BF16_GEMM
+  const int64_t n = w.size(0), k = w.size(1);
+  if (n % kBf16Block == 0 && k % 2 == 0) {
+    // [N / 16, 16, K / 2, 2] -> [N / 16, K / 2, 16, 2]
+    return w.contiguous().view({n / kBf16Block, kBf16Block, k / 2, 2}).permute({0, 2, 1, 3}).contiguous().view({n, k});
+  }
+#endif
+  return torch::empty({0}, w.options());
+}
+
+// x [M, K] (fp32 or bf16), w [N, K] bf16 -> [M, N] in x's dtype: every output one fp32 sum in a
+// fixed order, whatever M is. PyTorch's bf16 GEMM picks its blocking by M, and a row's outputs
+// could then differ in the last bf16 bit between a one-row decode step and a multi-row
+// verification step (greedy prompt lookup left plain decoding's text at a near-tie on SmolLM2).
+// packed: w is in bf16_pack's layout (VDPBF16PS over input pairs); else w is row-major and an
+// fp32 GEMV reads it.
+torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& w, bool packed) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "dense_linear: shapes ", x.sizes(), " ",
+              w.sizes());
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "dense_linear: w must be contiguous bf16");
+  if (packed) {
+#ifdef SPECACHE_BF16_GEMM
+    auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+    if (x.size(0) == 0) return y;
+    const auto xb = x.to(torch::kBFloat16).contiguous();
+    const auto* pairs = reinterpret_cast<const int32_t*>(xb.data_ptr<at::BFloat16>());
+    const auto* pw = w.data_ptr<at::BFloat16>();
+    if (x.scalar_type() == torch::kFloat)
+      bf16_gemm(pw, pairs, x.size(0), x.size(1), w.size(0), y.data_ptr<float>());
+    else
+      bf16_gemm(pw, pairs, x.size(0), x.size(1), w.size(0), y.data_ptr<at::BFloat16>());
+    return y;
+#else
+    TORCH_CHECK(false, "dense_linear: packed weights need the AVX512-BF16 build (bf16_pack returned them empty)");
+#endif
+  }
+  const auto xf = x.to(torch::kFloat).contiguous();
+  auto y = torch::empty({xf.size(0), w.size(0)}, xf.options());
+  weight_gemm(w.data_ptr<at::BFloat16>(), nullptr, xf.data_ptr<float>(), xf.size(0), xf.size(1), w.size(0),
+              y.data_ptr<float>());
   return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
 }
 
@@ -1695,6 +1849,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("int8_linear", &int8_linear, "y = x @ (q * scale)^T (AMX tiles with packed, else the AVX-512 or AVX2 GEMV)", py::arg("x"), py::arg("q"),
         py::arg("scale"), py::arg("packed") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("dense_linear", &dense_linear, "y = x @ w^T for bf16 w, each row's outputs independent of the batch",
+        py::arg("x"), py::arg("w"), py::arg("packed") = false, py::call_guard<py::gil_scoped_release>());
+  m.def("bf16_pack", &bf16_pack, "w in the layout of dense_linear's AVX512-BF16 path (empty where it does not run)");
   m.def("rms_norm", &rms_norm_rows, "RMSNorm over the last dim", py::call_guard<py::gil_scoped_release>());
   m.def("swiglu", &swiglu_rows, "silu(gate) * up of [T, 2I] rows", py::call_guard<py::gil_scoped_release>());
   m.def("add_rms_norm", &add_rms_norm, "hidden += delta (in place), then RMSNorm of it",

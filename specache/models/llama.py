@@ -127,7 +127,16 @@ PREFILL_INT8_MIN_SPEEDUP = 3.0
 # From this many rows the median of 3 timed calls: the 16-64-row dense bf16 timings were ~12 of
 # the ~15 s that calibration took at load on that CPU.
 CALIBRATION_FEWER_REPEATS_ROWS = 16
-INT8_ALWAYS = 1 << 62  # int8_max_rows of a projection that uses int8 for every row count
+ANY_ROWS = 1 << 62  # a row limit that every step is under
+INT8_ALWAYS = ANY_ROWS  # int8_max_rows of a projection that uses int8 for every row count
+# Dense bf16 weights on CPU go through the native dense_linear, whose rows do not depend on the
+# batch: from bf16_pack's layout (AVX512-BF16) for every row count, 1.0-1.3x oneDNN's time at
+# 128-2048 rows and 2.5-5x at 1-4 rows on a 2-core AVX512-BF16 EPYC. On AMX CPUs oneDNN's tile GEMM
+# keeps the steps above AMX_DENSE_NATIVE_MAX_ROWS (prefill chunks; not measured on AMX this stop).
+# Without AVX512-BF16 the native GEMV of row-major weights widens them to fp32 (slower than
+# oneDNN per row past a few rows): decode and verification steps up to GEMV_DENSE_NATIVE_MAX_ROWS.
+AMX_DENSE_NATIVE_MAX_ROWS = 128
+GEMV_DENSE_NATIVE_MAX_ROWS = 32
 
 
 class Projection:
@@ -135,7 +144,8 @@ class Projection:
 
     dense: W in the model dtype; fp32 pre-transposed [in, out] (``x @ W_t`` reads ~2x faster than
       F.linear on CPU), bf16 as [out, in] for F.linear (on AVX2 CPUs a bf16 ``x @ W_t`` takes a
-      slow path: 170 ms instead of 3 ms for the LM head).
+      slow path: 170 ms instead of 3 ms for the LM head). bf16 on CPU with the native kernels:
+      the batch-invariant ``dense_linear`` (see AMX_DENSE_NATIVE_MAX_ROWS).
     int8: weight-only int8, one scale per output row. Where the native kernels are built:
       on AMX and AVX512-VNNI CPUs a second copy of the weights in tile order (``packed``, the
       same size again) for every row count (activations as two int8 limbs, ~16 significant
@@ -147,24 +157,27 @@ class Projection:
       count), so `calibrate_int8_max_rows` measures it at load.
     """
 
-    __slots__ = ("dense", "dense_t", "q", "scales", "scales_f32", "packed", "native", "int8_max_rows")
+    __slots__ = ("dense", "dense_t", "dense_packed", "native_dense_max_rows", "q", "scales", "scales_f32", "packed",
+                 "native", "int8_max_rows")
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device, weight_format: str = "dense") -> None:
         weight = weight.to(device, torch.float32)
-        self.dense = self.dense_t = None
+        self.dense = self.dense_t = self.dense_packed = self.native = None
+        self.native_dense_max_rows = 0
         if weight_format != "int8":
             if dtype == torch.float32 and torch.device(device).type == "cpu":
                 self.dense_t = weight.t().contiguous()
             else:
                 self.dense = weight.to(dtype).contiguous()
-        self.q = self.scales = self.scales_f32 = self.packed = self.native = None
+                self._native_dense()
+        self.q = self.scales = self.scales_f32 = self.packed = None
         self.int8_max_rows = HYBRID_INT8_MAX_ROWS
         if weight_format in ("int8", "hybrid"):
             scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
             self.q = (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
             self.scales = scales.to(torch.bfloat16)
             self.scales_f32 = scales.contiguous()
-            self.native = kernels.load() if self.q.device.type == "cpu" else None
+            self.native = self.native or (kernels.load() if self.q.device.type == "cpu" else None)
             if self.native is not None:  # the tile layout of the AMX / VNNI paths (empty without them)
                 self.packed = self.native.tile_pack(self.q)
             if weight_format == "int8":
@@ -181,7 +194,29 @@ class Projection:
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
+    def _native_dense(self) -> None:
+        """Dense bf16 weights on CPU: the native dense_linear up to native_dense_max_rows rows, from
+        the packed layout where this CPU has it (then the row-major copy is kept only for oneDNN's
+        AMX GEMM above those rows)."""
+        self.native = kernels.load() if self.dense.device.type == "cpu" and self.dense.dtype == torch.bfloat16 \
+            else None
+        if self.native is None:
+            return
+        packed = self.native.bf16_pack(self.dense)
+        if packed.numel() == 0:
+            self.native_dense_max_rows = GEMV_DENSE_NATIVE_MAX_ROWS
+            return
+        self.dense_packed = packed
+        if self.native.amx_attention():
+            self.native_dense_max_rows = AMX_DENSE_NATIVE_MAX_ROWS
+        else:
+            self.native_dense_max_rows, self.dense = ANY_ROWS, None
+
     def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.native_dense_max_rows:
+            if self.dense_packed is not None:
+                return self.native.dense_linear(x, self.dense_packed, True)
+            return self.native.dense_linear(x, self.dense, False)
         return x @ self.dense_t if self.dense_t is not None else F.linear(x, self.dense)
 
 
