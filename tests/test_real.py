@@ -136,3 +136,31 @@ def test_greedy_speculative_output_equals_plain_in_bf16(real_model_dir, weight_f
         assert [spec.generate([p], params)[0].token_ids for p in prompts] == plain_alone
         assert spec.engine.pool.all_free()
     assert sum(o.metrics["spec_accepted_tokens"] for o in outs) > 0
+
+
+def test_hybrid_verification_rows_equal_their_decode_steps_at_batch_16(real_model_dir):
+    """16 sequences verifying 16 drafts each are a 272-row step, past where hybrid weights switch
+    projections to dense bf16 by row count. Every decode and verification step stays on the fused
+    int8 layers, so each row's logits are bit for bit those of decoding its token alone (greedy
+    speculation equals plain decoding at batch 16 too)."""
+    from specache import LLM
+    from specache.engine.runner import BatchItem
+    from specache.engine.sequence import Sequence
+
+    with LLM(model=str(real_model_dir), dtype="bfloat16", weight_format="hybrid", kv_cache_memory="256MiB") as llm:
+        engine = llm.engine
+        generator = torch.Generator().manual_seed(0)
+        seqs = []
+        for i in range(16):
+            seq = Sequence(-1 - i, f"s{i}", 0, torch.randint(100, 20000, (40,), generator=generator).tolist(),
+                           SamplingParams(temperature=0))
+            seq.block_table = engine.pool.allocate(engine.pool.blocks_needed(60))
+            engine.runner.run([BatchItem(seq, seq.prompt_ids, 0, 1)])
+            seqs.append(seq)
+        rows = [torch.randint(100, 20000, (17,), generator=generator).tolist() for _ in seqs]
+        together = engine.runner.run([BatchItem(s, r, 40, 17, num_draft=16) for s, r in zip(seqs, rows, strict=True)])
+        for i in (0, 7, 15):
+            alone = [engine.runner.run([BatchItem(seqs[i], [t], 40 + j, 1)])[0] for j, t in enumerate(rows[i])]
+            assert torch.equal(torch.cat(alone), together[i])
+        for seq in seqs:
+            engine.pool.free(seq.block_table)

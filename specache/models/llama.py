@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from specache import kernels
+from specache.config import MAX_SPEC_TOKENS
 from specache.kv.cache import KVCache
 from specache.models import switch_points
 from specache.models.config import ModelConfig
@@ -107,6 +108,8 @@ NATIVE_ATTENTION_MAX_Q = 64
 # run one padded SDPA call per layer: per-sequence calls are launch-bound there (16 sequences:
 # 0.80x transformers' padded generate on an H200).
 BATCHED_ATTENTION_MAX_Q = 32
+# A step whose sequences bring at most this many new tokens each decodes or verifies drafts.
+VERIFY_MAX_Q = MAX_SPEC_TOKENS + 1
 # Before calibration: measured on 2-core AVX2 and AVX512-BF16 CPUs, int8 wins up to ~8 rows.
 HYBRID_INT8_MAX_ROWS = 8
 # Up to 128 rows: on a 2-core AVX512-VNNI EPYC without AMX the int8 kernel is 1.0-1.17x dense
@@ -404,13 +407,8 @@ class LlamaModel:
             for proj in column:
                 proj.int8_max_rows = rows
             log.info("hybrid weights: %s uses int8 up to %s rows", name, _rows_label(rows))
-        # A step that runs the fused int8 layers takes the int8 LM head too, whatever its own
-        # calibration says: every row of such a step then gets the logits its one-row decode step
-        # would (a verification step of 17 rows had dense logits where its rows' decode steps had
-        # int8 ones: greedy speculation could leave plain decoding at a near-tie). On an AVX512-VNNI
-        # EPYC int8 is 0.77x dense's time at 17 rows and 1.08x at 64 for this head.
-        calibrated = _calibration([self.lm_head], self.dtype, self.device)
-        self.lm_head.int8_max_rows = max(calibrated, self.fused_max_rows if self.fused is not None else 0)
+        # (A step that runs the fused int8 layers takes the int8 LM head whatever this says: see logits)
+        self.lm_head.int8_max_rows = _calibration([self.lm_head], self.dtype, self.device)
         log.info("hybrid weights: lm_head uses int8 up to %s rows", _rows_label(self.lm_head.int8_max_rows))
 
     @property
@@ -472,8 +470,7 @@ class LlamaModel:
         """Run the first ``num_layers`` layers (all by default); returns the residual stream [T, H]."""
         eps = self.config.rms_norm_eps
         hidden = self.embed[input_ids]
-        if (self.fused is not None and input_ids.shape[0] <= self.fused_max_rows
-                and self._native_attention_fits(meta, cache)):
+        if self._fused_step(input_ids.shape[0], meta, cache):
             info, slots = meta.kernel_args
             return self.fused.forward(hidden, *cache.slot_views(), self.cos[positions], self.signed_sin[positions],
                                       meta.slot_mapping, info, slots, num_layers or self.num_layers)
@@ -490,6 +487,16 @@ class LlamaModel:
             else:
                 hidden += delta
         return hidden
+
+    def _fused_step(self, rows: int, meta: AttentionMetadata, cache: KVCache) -> bool:
+        """Whether a step runs the fused int8 layers (and the int8 LM head): up to fused_max_rows
+        rows, and every decode or verification step whatever its rows (each sequence at most
+        VERIFY_MAX_Q new tokens), so that a sequence's rows never change kernels with the batch
+        around them: greedy speculation equals plain decoding at batch 16 too. On a 2-core
+        AVX512-BF16 EPYC the fused int8 step costs what the op-by-op step (dense bf16 past 16 rows)
+        does up to ~120 rows, and 1.08-1.14x its time at 16 sequences x 9-17 rows."""
+        return (self.fused is not None and (rows <= self.fused_max_rows or meta.max_q_len <= VERIFY_MAX_Q)
+                and self._native_attention_fits(meta, cache))
 
     def _native_rows(self, cache: KVCache) -> bool:
         """Whether the native kernels read and write this cache (RoPE + K/V write, attention)."""
@@ -514,8 +521,10 @@ class LlamaModel:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self._rms_norm(hidden, self.norm, self.config.rms_norm_eps)).float()
+    def logits(self, hidden: torch.Tensor, fused_step: bool = False) -> torch.Tensor:
+        """fused_step: the step ran the fused int8 layers, so its rows take the int8 LM head too."""
+        x = self._rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+        return (self.lm_head.int8(x) if fused_step else self.lm_head(x)).float()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -523,8 +532,9 @@ class LlamaModel:
                 num_layers: int | None = None) -> torch.Tensor:
         """Logits [M, V] for the flat tokens at ``logits_indices`` (all tokens when None)."""
         hidden = self.hidden_states(input_ids, positions, meta, cache, num_layers)
+        fused_step = self._fused_step(input_ids.shape[0], meta, cache)
         if logits_indices is not None:
             if logits_indices.numel() == 0:  # prefill chunks that end no prompt: no LM head at all
                 return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
             hidden = hidden[logits_indices]
-        return self.logits(hidden)
+        return self.logits(hidden, fused_step)
