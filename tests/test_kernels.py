@@ -55,19 +55,27 @@ def test_int8_linear_rows_do_not_depend_on_the_batch(native):
 
 
 def _dense_layouts(native, w: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
-    """(weights, packed) for every path dense_linear has on this CPU: the row-major GEMV, and the
-    AVX512-BF16 layout where bf16_pack returns one."""
-    packed = native.bf16_pack(w)
-    return [(w, False)] + ([(packed, True)] if packed.numel() else [])
+    """(weights, packed) for every path dense_linear has on this CPU for w's dtype: the row-major
+    GEMV (bf16 only), and dense_pack's layout where it returns one (fp32 on AVX-512, bf16 on
+    AVX512-BF16)."""
+    packed = native.dense_pack(w)
+    layouts = [(w, False)] if w.dtype == torch.bfloat16 else []
+    return layouts + ([(packed, True)] if packed.numel() else [])
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 17, 40])
 @pytest.mark.parametrize("n,k", [(64, 64), (960, 576), (48, 38), (37, 577)])
 def test_dense_linear_matches_float64(native, rows, n, k):
     torch.manual_seed(rows * 1000 + n + k)
-    w = (torch.randn(n, k) / k ** 0.5).bfloat16()
+    w = torch.randn(n, k) / k ** 0.5
     x = torch.randn(rows, k)
+    for weights, packed in _dense_layouts(native, w):  # fp32: fp32 products, fp32 sums
+        got = native.dense_linear(x, weights, packed)
+        assert got.dtype == torch.float32 and got.shape == (rows, n)
+        torch.testing.assert_close(got.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-5)
+    w = w.bfloat16()
     for weights, packed in _dense_layouts(native, w):
+        # the packed bf16 path multiplies bf16 pairs (x rounded to bf16), the GEMV fp32 x
         expected = x.bfloat16().double() @ w.double().t() if packed else x.double() @ w.double().t()
         got = native.dense_linear(x, weights, packed)
         assert got.dtype == torch.float32 and got.shape == (rows, n)
@@ -77,12 +85,14 @@ def test_dense_linear_matches_float64(native, rows, n, k):
         torch.testing.assert_close(got_bf16.double(), x.bfloat16().double() @ w.double().t(), rtol=8e-3, atol=1e-3)
 
 
-def test_dense_linear_rows_do_not_depend_on_the_batch(native):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_linear_rows_do_not_depend_on_the_batch(native, dtype):
     """Each output is one fp32 sum in a fixed order whatever the number of rows, unlike PyTorch's
-    bf16 GEMM: a verification step's rows then get the values their one-row decode steps would."""
+    GEMMs (MKL's fp32 rows differ in the last bit between 1 and 64 rows, oneDNN's bf16 ones now and
+    then): a verification step's rows then get the values their one-row decode steps would."""
     torch.manual_seed(0)
-    w = (torch.randn(576, 1536) * 0.02).bfloat16()
-    x = torch.randn(64, 1536).bfloat16()
+    w = (torch.randn(576, 1536) * 0.02).to(dtype)
+    x = torch.randn(64, 1536).to(dtype)
     for weights, packed in _dense_layouts(native, w):
         together = native.dense_linear(x, weights, packed)
         for rows in (1, 2, 5, 8, 9, 17):
@@ -91,9 +101,10 @@ def test_dense_linear_rows_do_not_depend_on_the_batch(native):
             assert torch.equal(native.dense_linear(x[i: i + 1], weights, packed)[0], together[i])
 
 
-def test_bf16_pack_leaves_unpackable_shapes_alone(native):
-    assert native.bf16_pack(torch.randn(15, 64).bfloat16()).numel() == 0  # outputs not a multiple of 16
-    assert native.bf16_pack(torch.randn(16, 63).bfloat16()).numel() == 0  # an odd number of inputs
+def test_dense_pack_leaves_unpackable_shapes_alone(native):
+    for dtype in (torch.float32, torch.bfloat16):
+        assert native.dense_pack(torch.randn(15, 64).to(dtype)).numel() == 0  # outputs not a multiple of 16
+    assert native.dense_pack(torch.randn(16, 63).bfloat16()).numel() == 0  # an odd number of bf16 inputs
     assert native.dense_linear(torch.randn(0, 64), torch.randn(16, 64).bfloat16()).shape == (0, 16)
 
 

@@ -3,8 +3,8 @@
 //    (tile_pack), multiply two int8 limbs of each activation row (int8 x int8, exact int32 sums)
 //    on the tile unit or with VPDPBUSD; elsewhere an AVX-512 or AVX2 GEMV streams each int8
 //    weight row once for all rows of x (memory speed).
-//  - dense_linear: y = x @ w^T for bf16 weights through the same GEMV, whose outputs do not depend
-//    on how many rows x has (PyTorch's bf16 GEMM's do, in the last bit).
+//  - dense_linear: y = x @ w^T for fp32 or bf16 weights (re-laid once: dense_pack), whose outputs
+//    do not depend on how many rows x has (PyTorch's GEMMs' do, in the last bit).
 //  - paged_attention: attention of every sequence of a step in one call, reading its K/V straight
 //    from the flat slot arrays (no gather copy, no per-sequence kernel launch).
 //  - FusedDecoder: a whole decode / verification step of the decoder layers in one call.
@@ -709,121 +709,159 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
   return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
 }
 
-#if defined(__AVX512BF16__) && defined(SPECACHE_AVX512)
-#define SPECACHE_BF16_GEMM 1
+#ifdef SPECACHE_AVX512
+#define SPECACHE_PACKED_DENSE 1
 namespace {
-// bf16 weights [N, K] re-laid for VDPBF16PS (bf16_pack): blocks of 16 outputs, a block's K * 16
-// values consecutive; inside a block, for each input pair (2j, 2j + 1), 64 bytes holding that pair
-// of each of the 16 outputs. One instruction then adds a pair of products to 16 outputs' fp32
-// sums, with no horizontal reduction at the end.
-constexpr int64_t kBf16Block = 16;
-constexpr int kBf16XRows = 8;  // activation rows per pass over a group of weight blocks
+// Dense weights [N, K] re-laid so that a vector's 16 lanes are 16 outputs (dense_pack): blocks of
+// 16 outputs, a block's K * 16 values consecutive; inside a block, for each step along the inputs
+// (one fp32 input, or a bf16 input pair 2j, 2j + 1), 64 bytes holding it for each of the 16
+// outputs. One instruction (VFMADD231PS, VDPBF16PS) then adds a step's products to 16 outputs'
+// fp32 sums, and no horizontal reduction is left at the end.
+constexpr int64_t kDenseBlock = 16;
+constexpr int kDenseXRows = 8;  // activation rows per pass over a group of weight blocks
+
+struct Fp32Weights {
+  using Weight = float;
+  using Step = float;  // what a row of x brings to one step, broadcast to every lane
+  static constexpr int64_t kInputs = 1;
+  static __m512 madd(__m512 acc, __m512i w, Step x) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(w), _mm512_set1_ps(x), acc);
+  }
+};
+
+#ifdef __AVX512BF16__
+struct Bf16Weights {
+  using Weight = at::BFloat16;
+  using Step = int32_t;  // a pair of bf16 inputs
+  static constexpr int64_t kInputs = 2;
+  static __m512 madd(__m512 acc, __m512i w, Step x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_set1_epi32(x));
+  }
+};
+#endif
 
 // Blocks per tile for M activation rows: RB * M accumulators + RB weight vectors + a broadcast
 // fit the 32 registers.
 template <int M>
-constexpr int bf16_blocks() { return M <= 2 ? 8 : M <= 3 ? 6 : M <= 6 ? 4 : 3; }
+constexpr int dense_blocks() { return M <= 2 ? 8 : M <= 3 ? 6 : M <= 6 ? 4 : 3; }
 
-// y[m][16 b + o] = dot(x[m], w[16 b + o]) for RB blocks and M rows of x (as bf16 pairs). Each
-// output is one fp32 lane that adds its pairs of products in input order: the same sums whatever
-// RB and M are.
-template <typename Out, int RB, int M>
-inline void bf16_tile(const at::BFloat16* w, int64_t pairs, const int32_t* x, int64_t ldx, Out* y, int64_t ldy) {
+// y[m][16 b + o] = dot(x[m], w[16 b + o]) for RB blocks and M rows of x. Each output is one fp32
+// lane that adds its steps' products in input order: the same sums whatever RB and M are.
+template <typename F, typename Out, int RB, int M>
+inline void dense_tile(const typename F::Weight* w, int64_t steps, const typename F::Step* x, int64_t ldx, Out* y,
+                       int64_t ldy) {
   __m512 acc[RB][M];
   for (int b = 0; b < RB; ++b)
     for (int m = 0; m < M; ++m) acc[b][m] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < pairs; ++j) {
-    __m512bh wv[RB];
-    for (int b = 0; b < RB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(w + (b * pairs + j) * 2 * kBf16Block);
-    for (int m = 0; m < M; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * ldx + j]);
-      for (int b = 0; b < RB; ++b) acc[b][m] = _mm512_dpbf16_ps(acc[b][m], wv[b], xv);
-    }
+  for (int64_t j = 0; j < steps; ++j) {
+    __m512i wv[RB];
+    for (int b = 0; b < RB; ++b) wv[b] = _mm512_loadu_si512(w + (b * steps + j) * F::kInputs * kDenseBlock);
+    for (int m = 0; m < M; ++m)
+      for (int b = 0; b < RB; ++b) acc[b][m] = F::madd(acc[b][m], wv[b], x[m * ldx + j]);
   }
   for (int b = 0; b < RB; ++b)
-    for (int m = 0; m < M; ++m) store16(acc[b][m], y + m * ldy + b * kBf16Block);
+    for (int m = 0; m < M; ++m) store16(acc[b][m], y + m * ldy + b * kDenseBlock);
 }
 
-// Blocks block_begin .. block_end for M rows: tiles of bf16_blocks<M>() blocks, then single blocks.
-template <typename Out, int M>
-void bf16_blocks_rows(const at::BFloat16* w, int64_t pairs, const int32_t* x, int64_t ldx, Out* y, int64_t ldy,
-                      int64_t block_begin, int64_t block_end) {
-  constexpr int RB = bf16_blocks<M>();
-  const int64_t block_size = pairs * 2 * kBf16Block;
+// Blocks block_begin .. block_end for M rows: tiles of dense_blocks<M>() blocks, then single blocks.
+template <typename F, typename Out, int M>
+void dense_block_rows(const typename F::Weight* w, int64_t steps, const typename F::Step* x, int64_t ldx, Out* y,
+                      int64_t ldy, int64_t block_begin, int64_t block_end) {
+  constexpr int RB = dense_blocks<M>();
+  const int64_t block_size = steps * F::kInputs * kDenseBlock;
   int64_t b = block_begin;
   for (; b + RB <= block_end; b += RB)
-    bf16_tile<Out, RB, M>(w + b * block_size, pairs, x, ldx, y + b * kBf16Block, ldy);
-  for (; b < block_end; ++b) bf16_tile<Out, 1, M>(w + b * block_size, pairs, x, ldx, y + b * kBf16Block, ldy);
+    dense_tile<F, Out, RB, M>(w + b * block_size, steps, x, ldx, y + b * kDenseBlock, ldy);
+  for (; b < block_end; ++b) dense_tile<F, Out, 1, M>(w + b * block_size, steps, x, ldx, y + b * kDenseBlock, ldy);
 }
 
-template <typename Out>
-using Bf16RowsFn = void (*)(const at::BFloat16*, int64_t, const int32_t*, int64_t, Out*, int64_t, int64_t, int64_t);
+template <typename F, typename Out>
+using DenseRowsFn = void (*)(const typename F::Weight*, int64_t, const typename F::Step*, int64_t, Out*, int64_t,
+                             int64_t, int64_t);
 
-template <typename Out, size_t... Ms>
-constexpr std::array<Bf16RowsFn<Out>, sizeof...(Ms)> bf16_row_fns(std::index_sequence<Ms...>) {
-  return {&bf16_blocks_rows<Out, static_cast<int>(Ms + 1)>...};
+template <typename F, typename Out, size_t... Ms>
+constexpr std::array<DenseRowsFn<F, Out>, sizeof...(Ms)> dense_row_fns(std::index_sequence<Ms...>) {
+  return {&dense_block_rows<F, Out, static_cast<int>(Ms + 1)>...};
 }
 
-// y [M, N] = x [M, K] @ w^T from the packed weights; x as bf16 pairs (K even).
-template <typename Out>
-void bf16_gemm(const at::BFloat16* packed, const int32_t* x, int64_t m, int64_t k, int64_t n, Out* y) {
-  static constexpr auto fns = bf16_row_fns<Out>(std::make_index_sequence<kBf16XRows>());
-  const int64_t pairs = k / 2, blocks = n / kBf16Block;
-  // Tasks of a few blocks (~64 KB of weights each), every row of x going through a task's blocks
-  // kBf16XRows at a time while they are in cache.
-  const int64_t grain = std::max<int64_t>(1, 65536 / (k * kBf16Block * 2));
+// y [M, N] = x [M, K] @ w^T from the packed weights (x as F's steps).
+template <typename F, typename Out>
+void dense_gemm(const typename F::Weight* packed, const typename F::Step* x, int64_t m, int64_t k, int64_t n,
+                Out* y) {
+  static constexpr auto fns = dense_row_fns<F, Out>(std::make_index_sequence<kDenseXRows>());
+  const int64_t steps = k / F::kInputs, blocks = n / kDenseBlock;
+  // Tasks of ~64 KB of weights or more; within a task, groups of 8 blocks (128 outputs) that every
+  // row of x goes through, kDenseXRows at a time, while they are in cache.
+  const int64_t block_bytes = k * kDenseBlock * static_cast<int64_t>(sizeof(typename F::Weight));
+  const int64_t grain = std::max<int64_t>(1, 65536 / block_bytes);
   at::parallel_for(0, blocks, grain, [&](int64_t bb, int64_t be) {
-    for (int64_t g = bb; g < be; g += 8) {  // 8 blocks (128 outputs) at a time stay in L2 for every row
+    for (int64_t g = bb; g < be; g += 8) {
       const int64_t ge = std::min(be, g + 8);
-      for (int64_t r = 0; r < m; r += kBf16XRows) {
-        const int64_t rows = std::min<int64_t>(kBf16XRows, m - r);
-        fns[rows - 1](packed, pairs, x + r * pairs, pairs, y + r * n, n, g, ge);
+      for (int64_t r = 0; r < m; r += kDenseXRows) {
+        const int64_t rows = std::min<int64_t>(kDenseXRows, m - r);
+        fns[rows - 1](packed, steps, x + r * steps, steps, y + r * n, n, g, ge);
       }
     }
   });
 }
+
+template <typename F>
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  if (x.size(0) == 0) return y;
+  const auto xs = x.to(c10::CppTypeToScalarType<typename F::Weight>::value).contiguous();
+  const auto* steps = reinterpret_cast<const typename F::Step*>(xs.template data_ptr<typename F::Weight>());
+  const auto* pw = w.data_ptr<typename F::Weight>();
+  if (x.scalar_type() == torch::kFloat)
+    dense_gemm<F>(pw, steps, x.size(0), x.size(1), w.size(0), y.data_ptr<float>());
+  else
+    dense_gemm<F>(pw, steps, x.size(0), x.size(1), w.size(0), y.data_ptr<at::BFloat16>());
+  return y;
+}
 }  // namespace
 #endif
 
-// w [N, K] bf16 in the layout of bf16_gemm where it runs (N % 16 == 0, K even), else an empty tensor.
-torch::Tensor bf16_pack(const torch::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16, "bf16_pack: w must be 2-D bf16");
-#ifdef SPECACHE_BF16_GEMM
+// w [N, K] (fp32, or bf16 on AVX512-BF16 CPUs) in the layout of dense_gemm (N % 16 == 0, and K even
+// for bf16), else an empty tensor.
+torch::Tensor dense_pack(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kBFloat16),
+              "dense_pack: w must be 2-D fp32 or bf16");
+#ifdef SPECACHE_PACKED_DENSE
   const int64_t n = w.size(0), k = w.size(1);
-  if (n % kBf16Block == 0 && k % 2 == 0) {
-    // [N / 16, 16, K / 2, 2] -> [N / 16, K / 2, 16, 2]
-    return w.contiguous().view({n / kBf16Block, kBf16Block, k / 2, 2}).permute({0, 2, 1, 3}).contiguous().view({n, k});
+  const int64_t inputs = w.scalar_type() == torch::kFloat ? 1 : 2;
+#ifndef __AVX512BF16__
+  if (inputs == 2) return torch::empty({0}, w.options());
+#endif
+  if (n % kDenseBlock == 0 && k % inputs == 0) {
+    // [N / 16, 16, K / s, s] -> [N / 16, K / s, 16, s] for s inputs per step
+    return w.contiguous().view({n / kDenseBlock, kDenseBlock, k / inputs, inputs}).permute({0, 2, 1, 3})
+        .contiguous().view({n, k});
   }
 #endif
   return torch::empty({0}, w.options());
 }
 
-// x [M, K] (fp32 or bf16), w [N, K] bf16 -> [M, N] in x's dtype: every output one fp32 sum in a
-// fixed order, whatever M is. PyTorch's bf16 GEMM picks its blocking by M, and a row's outputs
-// could then differ in the last bf16 bit between a one-row decode step and a multi-row
-// verification step (greedy prompt lookup left plain decoding's text at a near-tie on SmolLM2).
-// packed: w is in bf16_pack's layout (VDPBF16PS over input pairs); else w is row-major and an
-// fp32 GEMV reads it.
+// x [M, K] (fp32 or bf16), w [N, K] (fp32 or bf16) -> [M, N] in x's dtype: every output one fp32 sum
+// in a fixed order, whatever M is. PyTorch's GEMMs pick their blocking by M, and a row's outputs
+// could then differ in the last bit between a one-row decode step and a multi-row verification
+// step (greedy prompt lookup left plain decoding's text at a near-tie on SmolLM2 in bf16).
+// packed: w is in dense_pack's layout (bf16 x is rounded to bf16 pairs for bf16 weights); else w is
+// row-major bf16 and the fp32 GEMV of the int8 path reads it.
 torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& w, bool packed) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "dense_linear: shapes ", x.sizes(), " ",
               w.sizes());
-  TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "dense_linear: w must be contiguous bf16");
+  TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kBFloat16),
+              "dense_linear: w must be contiguous fp32 or bf16");
   if (packed) {
-#ifdef SPECACHE_BF16_GEMM
-    auto y = torch::empty({x.size(0), w.size(0)}, x.options());
-    if (x.size(0) == 0) return y;
-    const auto xb = x.to(torch::kBFloat16).contiguous();
-    const auto* pairs = reinterpret_cast<const int32_t*>(xb.data_ptr<at::BFloat16>());
-    const auto* pw = w.data_ptr<at::BFloat16>();
-    if (x.scalar_type() == torch::kFloat)
-      bf16_gemm(pw, pairs, x.size(0), x.size(1), w.size(0), y.data_ptr<float>());
-    else
-      bf16_gemm(pw, pairs, x.size(0), x.size(1), w.size(0), y.data_ptr<at::BFloat16>());
-    return y;
-#else
-    TORCH_CHECK(false, "dense_linear: packed weights need the AVX512-BF16 build (bf16_pack returned them empty)");
+#ifdef SPECACHE_PACKED_DENSE
+    if (w.scalar_type() == torch::kFloat) return packed_linear<Fp32Weights>(x, w);
+#ifdef __AVX512BF16__
+    return packed_linear<Bf16Weights>(x, w);
 #endif
+#endif
+    TORCH_CHECK(false, "dense_linear: these packed weights need a build this CPU has not (dense_pack returns none)");
   }
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "dense_linear: unpacked weights must be bf16");
   const auto xf = x.to(torch::kFloat).contiguous();
   auto y = torch::empty({xf.size(0), w.size(0)}, xf.options());
   weight_gemm(w.data_ptr<at::BFloat16>(), nullptr, xf.data_ptr<float>(), xf.size(0), xf.size(1), w.size(0),
@@ -1849,9 +1887,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("int8_linear", &int8_linear, "y = x @ (q * scale)^T (AMX tiles with packed, else the AVX-512 or AVX2 GEMV)", py::arg("x"), py::arg("q"),
         py::arg("scale"), py::arg("packed") = py::none(), py::call_guard<py::gil_scoped_release>());
-  m.def("dense_linear", &dense_linear, "y = x @ w^T for bf16 w, each row's outputs independent of the batch",
+  m.def("dense_linear", &dense_linear, "y = x @ w^T for dense w, each row's outputs independent of the batch",
         py::arg("x"), py::arg("w"), py::arg("packed") = false, py::call_guard<py::gil_scoped_release>());
-  m.def("bf16_pack", &bf16_pack, "w in the layout of dense_linear's AVX512-BF16 path (empty where it does not run)");
+  m.def("dense_pack", &dense_pack, "w in the layout of dense_linear's packed path (empty where it does not run)");
   m.def("rms_norm", &rms_norm_rows, "RMSNorm over the last dim", py::call_guard<py::gil_scoped_release>());
   m.def("swiglu", &swiglu_rows, "silu(gate) * up of [T, 2I] rows", py::call_guard<py::gil_scoped_release>());
   m.def("add_rms_norm", &add_rms_norm, "hidden += delta (in place), then RMSNorm of it",

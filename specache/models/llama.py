@@ -132,12 +132,13 @@ PREFILL_INT8_MIN_SPEEDUP = 3.0
 CALIBRATION_FEWER_REPEATS_ROWS = 16
 ANY_ROWS = 1 << 62  # a row limit that every step is under
 INT8_ALWAYS = ANY_ROWS  # int8_max_rows of a projection that uses int8 for every row count
-# Dense bf16 weights on CPU go through the native dense_linear, whose rows do not depend on the
-# batch: from bf16_pack's layout (AVX512-BF16) for every row count, 1.0-1.3x oneDNN's time at
-# 128-2048 rows and 2.5-5x at 1-4 rows on a 2-core AVX512-BF16 EPYC. On AMX CPUs oneDNN's tile GEMM
-# keeps the steps above AMX_DENSE_NATIVE_MAX_ROWS (prefill chunks; not measured on AMX this stop).
-# Without AVX512-BF16 the native GEMV of row-major weights widens them to fp32 (slower than
-# oneDNN per row past a few rows): decode and verification steps up to GEMV_DENSE_NATIVE_MAX_ROWS.
+# Dense weights on CPU go through the native dense_linear, whose rows do not depend on the batch,
+# from dense_pack's layout for every row count: fp32 on AVX-512 CPUs, 1.1-6x MKL's speed at 1-1024
+# rows; bf16 on AVX512-BF16 CPUs, 1.0-1.3x oneDNN's at 128-2048 rows and 2.5-5x at 1-4 (2-core
+# AVX512-BF16 EPYC, SmolLM2-135M's shapes). On AMX CPUs oneDNN's bf16 tile GEMM keeps the steps
+# above AMX_DENSE_NATIVE_MAX_ROWS (prefill chunks; not measured on AMX this stop). Without
+# AVX512-BF16, bf16 weights stay row-major and an fp32 GEMV (slower than oneDNN per row past a few
+# rows) takes the steps up to GEMV_DENSE_NATIVE_MAX_ROWS (decode and verification).
 AMX_DENSE_NATIVE_MAX_ROWS = 128
 GEMV_DENSE_NATIVE_MAX_ROWS = 32
 
@@ -147,8 +148,8 @@ class Projection:
 
     dense: W in the model dtype; fp32 pre-transposed [in, out] (``x @ W_t`` reads ~2x faster than
       F.linear on CPU), bf16 as [out, in] for F.linear (on AVX2 CPUs a bf16 ``x @ W_t`` takes a
-      slow path: 170 ms instead of 3 ms for the LM head). bf16 on CPU with the native kernels:
-      the batch-invariant ``dense_linear`` (see AMX_DENSE_NATIVE_MAX_ROWS).
+      slow path: 170 ms instead of 3 ms for the LM head). On CPU with the native kernels: the
+      batch-invariant ``dense_linear`` (see AMX_DENSE_NATIVE_MAX_ROWS).
     int8: weight-only int8, one scale per output row. Where the native kernels are built:
       on AMX and AVX512-VNNI CPUs a second copy of the weights in tile order (``packed``, the
       same size again) for every row count (activations as two int8 limbs, ~16 significant
@@ -168,11 +169,7 @@ class Projection:
         self.dense = self.dense_t = self.dense_packed = self.native = None
         self.native_dense_max_rows = 0
         if weight_format != "int8":
-            if dtype == torch.float32 and torch.device(device).type == "cpu":
-                self.dense_t = weight.t().contiguous()
-            else:
-                self.dense = weight.to(dtype).contiguous()
-                self._native_dense()
+            self._store_dense(weight.to(dtype))
         self.q = self.scales = self.scales_f32 = self.packed = None
         self.int8_max_rows = HYBRID_INT8_MAX_ROWS
         if weight_format in ("int8", "hybrid"):
@@ -197,23 +194,23 @@ class Projection:
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    def _native_dense(self) -> None:
-        """Dense bf16 weights on CPU: the native dense_linear up to native_dense_max_rows rows, from
-        the packed layout where this CPU has it (then the row-major copy is kept only for oneDNN's
-        AMX GEMM above those rows)."""
-        self.native = kernels.load() if self.dense.device.type == "cpu" and self.dense.dtype == torch.bfloat16 \
-            else None
-        if self.native is None:
-            return
-        packed = self.native.bf16_pack(self.dense)
-        if packed.numel() == 0:
-            self.native_dense_max_rows = GEMV_DENSE_NATIVE_MAX_ROWS
-            return
-        self.dense_packed = packed
-        if self.native.amx_attention():
-            self.native_dense_max_rows = AMX_DENSE_NATIVE_MAX_ROWS
+    def _store_dense(self, w: torch.Tensor) -> None:
+        """The dense copy: on CPU with the native kernels, in dense_pack's layout for the
+        batch-invariant dense_linear (fp32 on AVX-512, bf16 on AVX512-BF16 CPUs); else as PyTorch
+        reads it fastest."""
+        cpu = w.device.type == "cpu"
+        self.native = kernels.load() if cpu and w.dtype in (torch.float32, torch.bfloat16) else None
+        packed = self.native.dense_pack(w) if self.native is not None else None
+        if packed is not None and packed.numel():
+            self.dense_packed, self.native_dense_max_rows = packed, ANY_ROWS
+            if w.dtype == torch.bfloat16 and self.native.amx_attention():  # oneDNN's tiles for prefill chunks
+                self.dense, self.native_dense_max_rows = w.contiguous(), AMX_DENSE_NATIVE_MAX_ROWS
+        elif w.dtype == torch.float32 and cpu:
+            self.dense_t = w.t().contiguous()
         else:
-            self.native_dense_max_rows, self.dense = ANY_ROWS, None
+            self.dense = w.contiguous()
+            if self.native is not None and w.dtype == torch.bfloat16:
+                self.native_dense_max_rows = GEMV_DENSE_NATIVE_MAX_ROWS
 
     def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.native_dense_max_rows:
