@@ -452,3 +452,13 @@ def test_int8_linear_takes_zero_rows(native):
     for x in (torch.randn(0, 576), torch.randn(0, 576).bfloat16()):
         y = native.int8_linear(x, q, scale, packed)
         assert y.shape == (0, 64) and y.dtype == x.dtype
+
+
+def test_dense_linear_rejects_what_is_not_packed(native):
+    w = torch.randn(32, 64)
+    if native.dense_pack(w).numel() == 0:
+        pytest.skip("no packed dense path on this CPU")
+    with pytest.raises(RuntimeError, match="dense_pack's layout"):
+        native.dense_linear(torch.randn(2, 64), torch.randn(24, 64), True)  # 24 outputs: never packed
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        native.dense_linear(torch.randn(2, 64).half(), native.dense_pack(w), True)

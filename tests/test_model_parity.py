@@ -350,3 +350,24 @@ def test_hybrid_calibration_does_not_time_large_sizes_where_int8_already_wins_by
     monkeypatch.setattr(llama, "_int8_speedup", int8_speedup)
     assert llama.calibrate_int8_max_rows([lw.gate_up for lw in model.layers], torch.float32, "cpu") == 128
     assert asked == [r for r in llama.CALIBRATION_ROWS if r <= 64] + [llama.PREFILL_CALIBRATION_ROWS]
+
+
+def test_decode_steps_are_told_apart_from_prefill():
+    """AttentionMetadata.decode_step: every sequence brings at most K + 1 tokens after cached ones.
+    A batch of short fresh prompts is prefill (it keeps the calibrated prefill kernels)."""
+    from specache.engine.runner import build_metadata
+    from specache.models.llama import VERIFY_MAX_Q
+
+    pool = BlockPool(64, BLOCK)
+    a, b = _seq(0, list(range(30))), _seq(1, list(range(10)))
+    _grow(pool, a, 60)
+    _grow(pool, b, 60)
+
+    def decode_step(*items: BatchItem) -> bool:
+        return build_metadata(list(items), BLOCK, torch.device("cpu"))[2].decode_step
+
+    assert not decode_step(BatchItem(b, b.prompt_ids, 0, 1))  # a 10-token prompt, nothing cached
+    assert decode_step(BatchItem(a, [1], 30, 1), BatchItem(b, [2], 10, 1))
+    assert decode_step(BatchItem(a, list(range(VERIFY_MAX_Q)), 30, VERIFY_MAX_Q))  # K = 16 drafts
+    assert not decode_step(BatchItem(a, list(range(VERIFY_MAX_Q + 1)), 30, 1))  # a prompt chunk
+    assert not decode_step(BatchItem(a, [1], 30, 1), BatchItem(b, b.prompt_ids, 0, 1))  # mixed

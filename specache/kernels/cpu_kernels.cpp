@@ -607,7 +607,6 @@ torch::Tensor vnni_pack(const torch::Tensor& q) {
 
 namespace {
 
-// y[M, N] = x[M, K] @ (w * scale)^T, split over threads by whole weight-row tiles.
 // y = x @ (w * scale)^T for fp32 rows x [M, K] and weights w [N, K] (int8 with row scales, or bf16
 // with scale null), the GEMV of rows_any split over the weight rows.
 template <typename W>
@@ -807,6 +806,8 @@ void dense_gemm(const typename F::Weight* packed, const typename F::Step* x, int
 
 template <typename F>
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(w.size(0) % kDenseBlock == 0 && w.size(1) % F::kInputs == 0,
+              "dense_linear: packed weights of shape ", w.sizes(), " are not dense_pack's layout");
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   if (x.size(0) == 0) return y;
   const auto xs = x.to(c10::CppTypeToScalarType<typename F::Weight>::value).contiguous();
@@ -845,13 +846,15 @@ torch::Tensor dense_pack(const torch::Tensor& w) {
 // in a fixed order, whatever M is. PyTorch's GEMMs pick their blocking by M, and a row's outputs
 // could then differ in the last bit between a one-row decode step and a multi-row verification
 // step (greedy prompt lookup left plain decoding's text at a near-tie on SmolLM2 in bf16).
-// packed: w is in dense_pack's layout (bf16 x is rounded to bf16 pairs for bf16 weights); else w is
-// row-major bf16 and the fp32 GEMV of the int8 path reads it.
+// packed: w is in dense_pack's layout (x is rounded to bf16 for bf16 weights: VDPBF16PS multiplies
+// bf16 pairs); else w is row-major bf16 and the fp32 GEMV of the int8 path reads it.
 torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& w, bool packed) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "dense_linear: shapes ", x.sizes(), " ",
               w.sizes());
   TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kBFloat16),
               "dense_linear: w must be contiguous fp32 or bf16");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
+              "dense_linear: x must be fp32 or bf16");
   if (packed) {
 #ifdef SPECACHE_PACKED_DENSE
     if (w.scalar_type() == torch::kFloat) return packed_linear<Fp32Weights>(x, w);

@@ -24,6 +24,10 @@ from specache.models.config import ModelConfig
 log = logging.getLogger(__name__)
 
 
+def _num_slots(slots: torch.Tensor | slice) -> int:
+    return slots.stop - slots.start if isinstance(slots, slice) else slots.numel()
+
+
 @dataclass
 class SeqAttention:
     """One sequence's share of a step: its queries and every cache slot it attends to."""
@@ -61,6 +65,12 @@ class AttentionMetadata:
     @property
     def max_q_len(self) -> int:
         return max(sa.q_len for sa in self.seqs)
+
+    @functools.cached_property
+    def decode_step(self) -> bool:
+        """Every sequence decodes or verifies drafts: at most VERIFY_MAX_Q new tokens after cached
+        ones (a prompt's first chunk is prefill however short)."""
+        return all(sa.q_len <= VERIFY_MAX_Q and _num_slots(sa.slots) > sa.q_len for sa in self.seqs)
 
     @functools.cached_property
     def padded(self) -> PaddedBatch:
@@ -133,12 +143,14 @@ CALIBRATION_FEWER_REPEATS_ROWS = 16
 ANY_ROWS = 1 << 62  # a row limit that every step is under
 INT8_ALWAYS = ANY_ROWS  # int8_max_rows of a projection that uses int8 for every row count
 # Dense weights on CPU go through the native dense_linear, whose rows do not depend on the batch,
-# from dense_pack's layout for every row count: fp32 on AVX-512 CPUs, 1.1-6x MKL's speed at 1-1024
-# rows; bf16 on AVX512-BF16 CPUs, 1.0-1.3x oneDNN's at 128-2048 rows and 2.5-5x at 1-4 (2-core
-# AVX512-BF16 EPYC, SmolLM2-135M's shapes). On AMX CPUs oneDNN's bf16 tile GEMM keeps the steps
-# above AMX_DENSE_NATIVE_MAX_ROWS (prefill chunks; not measured on AMX this stop). Without
-# AVX512-BF16, bf16 weights stay row-major and an fp32 GEMV (slower than oneDNN per row past a few
-# rows) takes the steps up to GEMV_DENSE_NATIVE_MAX_ROWS (decode and verification).
+# from dense_pack's layout: fp32 on AVX-512 CPUs, 1.1-6x MKL's speed at 1-1024 rows; bf16 on
+# AVX512-BF16 CPUs, 1.0-1.3x oneDNN's at 128-2048 rows and 2.5-5x at 1-4 (2-core AVX512-BF16 EPYC,
+# SmolLM2-135M's shapes). Decode and verification steps always take it; other steps (prefill
+# chunks) too, except on AMX CPUs past AMX_DENSE_NATIVE_MAX_ROWS rows, where oneDNN's bf16 tile
+# GEMM keeps them (not measured on AMX this stop; the row-major copy is then kept beside the
+# packed one). Without AVX512-BF16, bf16 weights stay row-major and an fp32 GEMV (slower than
+# oneDNN per row past a few rows) takes decode and verification steps and other steps up to
+# GEMV_DENSE_NATIVE_MAX_ROWS rows.
 AMX_DENSE_NATIVE_MAX_ROWS = 128
 GEMV_DENSE_NATIVE_MAX_ROWS = 32
 
@@ -183,10 +195,11 @@ class Projection:
             if weight_format == "int8":
                 self.int8_max_rows = INT8_ALWAYS
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, decode_step: bool = False) -> torch.Tensor:
+        """decode_step: the rows come from a decode or verification step (AttentionMetadata.decode_step)."""
         if self.q is not None and x.shape[0] <= self.int8_max_rows:
             return self.int8(x)
-        return self.dense_mm(x)
+        return self.dense_mm(x, decode_step)
 
     def int8(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
@@ -212,8 +225,11 @@ class Projection:
             if self.native is not None and w.dtype == torch.bfloat16:
                 self.native_dense_max_rows = GEMV_DENSE_NATIVE_MAX_ROWS
 
-    def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.native_dense_max_rows:
+    def dense_mm(self, x: torch.Tensor, decode_step: bool = False) -> torch.Tensor:
+        """The dense product: a decode or verification step's rows always on the batch-invariant
+        native kernel where it exists (whatever their number), other steps up to
+        native_dense_max_rows rows."""
+        if self.native_dense_max_rows > 0 and (decode_step or x.shape[0] <= self.native_dense_max_rows):
             if self.dense_packed is not None:
                 return self.native.dense_linear(x, self.dense_packed, True)
             return self.native.dense_linear(x, self.dense, False)
@@ -415,7 +431,8 @@ class LlamaModel:
     def _attention(self, x: torch.Tensor, layer: int, lw: LayerWeights, cos: torch.Tensor, sin: torch.Tensor,
                    meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         c = self.config
-        qkv = lw.qkv(x)
+        decode = meta.decode_step
+        qkv = lw.qkv(x, decode)
         if lw.bqkv is not None:
             qkv = qkv + lw.bqkv
         t, nh, nkv, hd = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
@@ -430,9 +447,9 @@ class LlamaModel:
             # One call for every sequence, reading K/V in place (no gather, no per-sequence SDPA).
             info, slots = meta.kernel_args
             out = self.native.paged_attention(q, *cache.layer_slots(layer), info, slots, hd ** -0.5)
-            return lw.o(out.reshape(t, self.q_size))
+            return lw.o(out.reshape(t, self.q_size), decode)
         if self.batched_attention and len(meta.seqs) > 1 and meta.max_q_len <= BATCHED_ATTENTION_MAX_Q:
-            return lw.o(self._batched_attention(q, layer, meta.padded, cache).to(x.dtype))
+            return lw.o(self._batched_attention(q, layer, meta.padded, cache).to(x.dtype), decode)
         gqa = c.num_heads != c.num_kv_heads
         # Heads first once for the whole batch ([1, nh, T, hd]); each sequence takes a view of it.
         # Attention runs in the cache's dtype (fp32 on CPUs whose bf16 attention is slow).
@@ -445,7 +462,7 @@ class LlamaModel:
                 keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
                 attn_mask=sa.mask, is_causal=sa.mask is None and sa.q_len > 1, enable_gqa=gqa)[0])
         out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).transpose(0, 1).reshape(t, self.q_size)
-        return lw.o(out if out.dtype == x.dtype else out.to(x.dtype))
+        return lw.o(out if out.dtype == x.dtype else out.to(x.dtype), decode)
 
     def _batched_attention(self, q: torch.Tensor, layer: int, batch: PaddedBatch, cache: KVCache) -> torch.Tensor:
         """All sequences in one SDPA call over their padded, masked K/V: [T, nh * hd]."""
@@ -478,7 +495,7 @@ class LlamaModel:
         x = self._rms_norm(hidden, layers[0].attn_norm, eps) if layers else hidden
         for i, lw in enumerate(layers):
             x = self._add_rms_norm(hidden, self._attention(x, i, lw, cos, sin, meta, cache), lw.ffn_norm, eps)
-            delta = lw.down(self._swiglu(lw.gate_up(x)))
+            delta = lw.down(self._swiglu(lw.gate_up(x, meta.decode_step)), meta.decode_step)
             if i + 1 < len(layers):
                 x = self._add_rms_norm(hidden, delta, layers[i + 1].attn_norm, eps)
             else:
@@ -487,12 +504,13 @@ class LlamaModel:
 
     def _fused_step(self, rows: int, meta: AttentionMetadata, cache: KVCache) -> bool:
         """Whether a step runs the fused int8 layers (and the int8 LM head): up to fused_max_rows
-        rows, and every decode or verification step whatever its rows (each sequence at most
-        VERIFY_MAX_Q new tokens), so that a sequence's rows never change kernels with the batch
-        around them: greedy speculation equals plain decoding at batch 16 too. On a 2-core
-        AVX512-BF16 EPYC the fused int8 step costs what the op-by-op step (dense bf16 past 16 rows)
-        does up to ~120 rows, and 1.08-1.14x its time at 16 sequences x 9-17 rows."""
-        return (self.fused is not None and (rows <= self.fused_max_rows or meta.max_q_len <= VERIFY_MAX_Q)
+        rows, and every decode or verification step whatever its rows (meta.decode_step), so that a
+        decoding sequence's rows keep their kernels as the batch around it grows: greedy speculation
+        equals plain decoding at batch 16 too. (A step that mixes decode rows with a prompt chunk
+        past fused_max_rows still goes by rows.) On a 2-core AVX512-BF16 EPYC the fused int8 step
+        costs what the op-by-op step (dense bf16 past 16 rows) does up to ~120 rows, and 1.08-1.14x
+        its time at 16 sequences x 9-17 rows."""
+        return (self.fused is not None and (rows <= self.fused_max_rows or meta.decode_step)
                 and self._native_attention_fits(meta, cache))
 
     def _native_rows(self, cache: KVCache) -> bool:
@@ -518,10 +536,11 @@ class LlamaModel:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def logits(self, hidden: torch.Tensor, fused_step: bool = False) -> torch.Tensor:
-        """fused_step: the step ran the fused int8 layers, so its rows take the int8 LM head too."""
+    def logits(self, hidden: torch.Tensor, fused_step: bool = False, decode_step: bool = False) -> torch.Tensor:
+        """fused_step: the step ran the fused int8 layers, so its rows take the int8 LM head too;
+        decode_step: see Projection.__call__."""
         x = self._rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        return (self.lm_head.int8(x) if fused_step else self.lm_head(x)).float()
+        return (self.lm_head.int8(x) if fused_step else self.lm_head(x, decode_step)).float()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -534,4 +553,4 @@ class LlamaModel:
             if logits_indices.numel() == 0:  # prefill chunks that end no prompt: no LM head at all
                 return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
             hidden = hidden[logits_indices]
-        return self.logits(hidden, fused_step)
+        return self.logits(hidden, fused_step, meta.decode_step)
