@@ -261,6 +261,7 @@ inline void dot_tile(const W* w, int64_t ldw, const float* x, int64_t ldx, int64
     }
 }
 #endif
+
 // Weight rows per dot_tile for M activation rows: R * M accumulators stay in registers (32 on
 // AVX-512, 16 on AVX2, where two more hold a widened weight and an activation).
 template <int M>
