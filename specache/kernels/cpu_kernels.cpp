@@ -620,10 +620,6 @@ void weight_gemm(const W* w, const float* scale, const float* x, int64_t m, int6
   });
 }
 
-void int8_gemm(const int8_t* w, const float* scale, const float* x, int64_t m, int64_t k, int64_t n, float* y) {
-  weight_gemm(w, scale, x, m, k, n, y);
-}
-
 }  // namespace
 
 #if defined(SPECACHE_AMX) || defined(SPECACHE_VNNI)
@@ -682,7 +678,7 @@ void quant_gemm(const int8_t* q, const int8_t* packed, const float* scale, const
   // step gives bit-for-bit the logits of decoding them one at a time.
   if (packed != nullptr) return tiled_gemm(packed, scale, x, m, k, n, y);
 #endif
-  int8_gemm(q, scale, x, m, k, n, y);
+  weight_gemm(q, scale, x, m, k, n, y);
 }
 
 // x [M, K] (fp32 or bf16), q [N, K] int8, scale [N] fp32 -> [M, N] in x's dtype.

@@ -480,11 +480,12 @@ class LlamaModel:
         return out if batch.out_index is None else out.index_select(0, batch.out_index)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                      cache: KVCache, num_layers: int | None = None) -> torch.Tensor:
-        """Run the first ``num_layers`` layers (all by default); returns the residual stream [T, H]."""
+                      cache: KVCache, num_layers: int | None = None, fused_step: bool = False) -> torch.Tensor:
+        """Run the first ``num_layers`` layers (all by default); returns the residual stream [T, H].
+        fused_step: in one call of the fused int8 layers (`_fused_step` said so)."""
         eps = self.config.rms_norm_eps
         hidden = self.embed[input_ids]
-        if self._fused_step(input_ids.shape[0], meta, cache):
+        if fused_step:
             info, slots = meta.kernel_args
             return self.fused.forward(hidden, *cache.slot_views(), self.cos[positions], self.signed_sin[positions],
                                       meta.slot_mapping, info, slots, num_layers or self.num_layers)
@@ -547,8 +548,8 @@ class LlamaModel:
                 cache: KVCache, logits_indices: torch.Tensor | None = None,
                 num_layers: int | None = None) -> torch.Tensor:
         """Logits [M, V] for the flat tokens at ``logits_indices`` (all tokens when None)."""
-        hidden = self.hidden_states(input_ids, positions, meta, cache, num_layers)
         fused_step = self._fused_step(input_ids.shape[0], meta, cache)
+        hidden = self.hidden_states(input_ids, positions, meta, cache, num_layers, fused_step)
         if logits_indices is not None:
             if logits_indices.numel() == 0:  # prefill chunks that end no prompt: no LM head at all
                 return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
