@@ -491,14 +491,21 @@ def test_end_to_end_ceiling_leaves_prefill_as_it_is():
     assert end_to_end_ceiling(1.0, 0.5, 1.0) == pytest.approx(1.0)
 
 
-def test_bench_spec_reports_the_seed_formula_and_the_chosen_k_per_batch(tiny_model_dir, tmp_path):
+def test_bench_spec_reports_the_seed_formula_and_the_chosen_k_per_batch(tiny_model_dir, tmp_path, monkeypatch):
     """`specache bench spec` end to end on a tiny model: every cell has the seed formula's speedup
     next to the measured one, output equals plain (greedy, and sampled with the pair's seed under
-    these q-less drafts), and the batch study reports the K the controller chose for each method."""
+    these q-less drafts), and the batch study reports the K the controller chose for each method.
+    The controller plans from a fixed, memory-bound pass table instead of one timed at start: timed
+    on a loaded machine, it had once priced every draft out and nothing was drafted at all."""
     import argparse
     import json
 
     from specache.bench import spec as bench_spec
+    from specache.spec import decoder
+
+    monkeypatch.setattr(decoder, "measure_step_costs",
+                        lambda engine: {n: 0.005 + 0.00002 * n for n in decoder.STEP_COST_SIZES})
+    monkeypatch.setattr(decoder, "measure_attention_cost", lambda engine: (0.0, 0.0))
 
     args = argparse.Namespace(model=str(tiny_model_dir), dtype="float32", weight_format="dense",
                               methods="ngram,lookahead", temperatures="0,0.7", batches="1,4", new_tokens=12,
