@@ -344,10 +344,12 @@ def test_client_disconnect_frees_kv_blocks(server):
                         return  # closes the connection mid-stream
 
     async def non_stream_gives_up() -> None:
+        # ignore_eos and 1500 tokens: the tiny model must not finish (or sample EOS) inside 0.3 s
         body = {
             "model": MODEL,
             "prompt": "a long story",
-            "max_tokens": 200,
+            "max_tokens": 1500,
+            "ignore_eos": True,
             "cache": "bypass",
             "temperature": 0.7,
         }
@@ -367,7 +369,7 @@ def test_queue_full_is_429_with_retry_after_and_timeout_is_504(tiny_model_dir, t
     ) as srv:
 
         async def burst() -> list[httpx.Response]:
-            body = {"model": MODEL, "prompt": "x", "max_tokens": 60, "temperature": 0.5}
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 60, "temperature": 0.5, "ignore_eos": True}
             async with httpx.AsyncClient(timeout=60) as http:
                 return await asyncio.gather(
                     *(http.post(srv.v1 + "/completions", json=body) for _ in range(8))
