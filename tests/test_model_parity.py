@@ -201,6 +201,41 @@ def test_hybrid_verification_step_gets_each_rows_decode_logits(tiny_model_dir, m
         assert torch.equal(verified[i], decoded[i + 1])
 
 
+@pytest.mark.parametrize(("weight_format", "dtype"), [("hybrid", torch.bfloat16), ("dense", torch.bfloat16),
+                                                   ("dense", torch.float32)])
+def test_decoding_rows_beside_a_long_prompt_chunk_keep_their_logits(tiny_model_dir, weight_format, dtype,
+                                                                     monkeypatch, fresh_switch_points):
+    """A step that mixes a decoding sequence (one decode row, or five verification rows) with a
+    300-token prompt chunk gives each of them, bit for bit, the logits of a step without the other.
+    In one pass the chunk would take the decoding rows to PyTorch's attention (and, on hybrid
+    weights, off the fused int8 layers onto the dense ones), so a request's greedy text would
+    depend on which prompts arrived beside it."""
+    from specache.models import llama
+
+    if llama.kernels.load() is None:
+        pytest.skip("batch-invariant rows need the native kernels")
+    # hybrid: int8 up to 8 rows, as calibrated on a CPU whose dense GEMM wins prefill chunks
+    monkeypatch.setattr(llama, "calibrate_int8_max_rows", lambda *args: 8)
+    loaded = load_model(str(tiny_model_dir))
+    model = LlamaModel(loaded.config, loaded.weights, dtype=dtype, weight_format=weight_format)
+    c = model.config
+    pool = BlockPool(128, BLOCK)
+    runner = ModelRunner(model, KVCache(c.num_layers, 128, BLOCK, c.num_kv_heads, c.head_dim, dtype=dtype))
+    generator = torch.Generator().manual_seed(6)
+    prompt_a, prompt_b = (torch.randint(0, 49152, (n,), generator=generator).tolist() for n in (60, 300))
+    a, b = _seq(0, prompt_a), _seq(1, prompt_b)
+    _grow(pool, a, 65)
+    _grow(pool, b, 300)
+    runner.run([BatchItem(a, prompt_a, 0, 1)])
+    chunk_alone = runner.run([BatchItem(b, prompt_b, 0, 1)])[0]
+    for rows in ([7], [7, 8, 9, 10, 11]):
+        alone = runner.run([BatchItem(a, rows, 60, len(rows), num_draft=len(rows) - 1)])[0]
+        mixed = runner.run([BatchItem(a, rows, 60, len(rows), num_draft=len(rows) - 1),
+                            BatchItem(b, prompt_b, 0, 1)])
+        assert torch.equal(mixed[0], alone)
+        assert torch.equal(mixed[1], chunk_alone)
+
+
 def test_hybrid_calibrated_for_int8_everywhere_prefills_exactly_as_int8(tiny_model_dir):
     """Where calibration keeps int8 for every row count (CPUs whose bf16 GEMM is a slow path), a
     hybrid model's prefill runs the int8 weights: its logits are the int8 model's, bit for bit."""

@@ -140,6 +140,35 @@ def test_greedy_speculative_output_equals_plain_in_bf16(real_model_dir, weight_f
     assert sum(o.metrics["spec_accepted_tokens"] for o in outs) > 0
 
 
+@pytest.mark.parametrize("weight_format", ["hybrid", "dense"])
+def test_prompts_arriving_mid_decode_leave_a_requests_greedy_text_unchanged(real_model_dir, weight_format):
+    """Long prompts arrive while a request decodes, each prefilled in a step beside its decode
+    row. That row must keep the kernels of a step without them (the runner runs it in a pass of
+    its own), so the request's greedy text is the one it gets alone, bit for bit, in bf16."""
+    from specache import LLM, kernels
+    from specache.bench.spec import TASKS
+
+    if kernels.load() is None:
+        pytest.skip("bf16 rows are batch-invariant on the native kernels only")
+    params = SamplingParams(max_tokens=64, temperature=0)
+    with LLM(model=str(real_model_dir), dtype="bfloat16", weight_format=weight_format,
+             kv_cache_memory="256MiB") as llm:
+        request = _chat_ids(llm, "Describe a sunrise over the sea.")
+        alone = llm.generate([request], params)[0].token_ids
+        engine = llm.engine
+        engine.add_request(request, params, request_id="decoding")
+        arrivals = [_chat_ids(llm, p) for p in TASKS["code edit"] + TASKS["open-ended chat"]]
+        finished = {}
+        for step in range(1000):
+            if step % 6 == 3 and arrivals:  # a prompt every few steps, each 50-300 tokens
+                engine.add_request(arrivals.pop(), SamplingParams(max_tokens=4, temperature=0))
+            finished.update({o.request_id: o for o in engine.step() if o.finished})
+            if not engine.has_unfinished() and not arrivals:
+                break
+        assert finished["decoding"].outputs[0].token_ids == alone
+        assert engine.pool.all_free()
+
+
 def test_hybrid_verification_rows_equal_their_decode_steps_at_batch_16(real_model_dir):
     """16 sequences verifying 16 drafts each are a 272-row step, past where hybrid weights switch
     projections to dense bf16 by row count. Every decode and verification step stays on the fused

@@ -70,6 +70,10 @@ class ModelRunner:
     def run(self, items: list[BatchItem], num_layers: int | None = None) -> list[torch.Tensor | None]:
         """Computes every item's tokens (writing their K/V) and returns each item's logits [num_logits, V]."""
         input_ids, positions, meta, logits_idx = build_metadata(items, self.cache.block_size, self.device)
+        decoding = [sa.decodes for sa in meta.seqs]
+        decode_logits = sum(it.num_logits for it, d in zip(items, decoding, strict=True) if d)
+        if self.model.decode_rows_need_own_pass(meta, len(logits_idx), decode_logits, self.cache):
+            return self._run_apart(items, decoding, num_layers)
         logits = self.model.forward(input_ids, positions, meta, self.cache, logits_idx, num_layers)
         out: list[torch.Tensor | None] = []
         offset = 0
@@ -77,3 +81,16 @@ class ModelRunner:
             out.append(logits[offset: offset + it.num_logits] if it.num_logits else None)
             offset += it.num_logits
         return out
+
+    def _run_apart(self, items: list[BatchItem], decoding: list[bool],
+                   num_layers: int | None) -> list[torch.Tensor | None]:
+        """The decoding items in one pass and the prompt chunks in another (each sequence attends
+        only to its own slots, so the two passes compute what one would); logits in items' order.
+        The extra pass costs about one decode step, on a step that prefills a long chunk."""
+        out: list[torch.Tensor | None] = [None] * len(items)
+        for group in (True, False):
+            index = [i for i, d in enumerate(decoding) if d == group]
+            for i, logits in zip(index, self.run([items[i] for i in index], num_layers), strict=True):
+                out[i] = logits
+        return out
+

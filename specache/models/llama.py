@@ -37,6 +37,12 @@ class SeqAttention:
     slots: torch.Tensor | slice  # flat cache slots of positions 0 .. kv_len - 1 (slice: contiguous)
     mask: torch.Tensor | None  # [q_len, kv_len] when a chunk continues a cached prefix, else None
 
+    @property
+    def decodes(self) -> bool:
+        """It decodes or verifies drafts: at most VERIFY_MAX_Q new tokens after cached ones (a
+        prompt's first chunk is prefill however short)."""
+        return self.q_len <= VERIFY_MAX_Q and _num_slots(self.slots) > self.q_len
+
 
 @dataclass
 class AttentionMetadata:
@@ -68,9 +74,8 @@ class AttentionMetadata:
 
     @functools.cached_property
     def decode_step(self) -> bool:
-        """Every sequence decodes or verifies drafts: at most VERIFY_MAX_Q new tokens after cached
-        ones (a prompt's first chunk is prefill however short)."""
-        return all(sa.q_len <= VERIFY_MAX_Q and _num_slots(sa.slots) > sa.q_len for sa in self.seqs)
+        """Every sequence decodes or verifies drafts (SeqAttention.decodes)."""
+        return all(sa.decodes for sa in self.seqs)
 
     @functools.cached_property
     def padded(self) -> PaddedBatch:
@@ -153,6 +158,8 @@ INT8_ALWAYS = ANY_ROWS  # int8_max_rows of a projection that uses int8 for every
 # GEMV_DENSE_NATIVE_MAX_ROWS rows.
 AMX_DENSE_NATIVE_MAX_ROWS = 128
 GEMV_DENSE_NATIVE_MAX_ROWS = 32
+# The kernels a projection can take for a step (Projection.kernel), and the whole-step one.
+INT8_KERNEL, NATIVE_DENSE_KERNEL, TORCH_DENSE_KERNEL, FUSED_STEP = "int8", "native dense", "torch dense", "fused"
 
 
 class Projection:
@@ -197,9 +204,22 @@ class Projection:
 
     def __call__(self, x: torch.Tensor, decode_step: bool = False) -> torch.Tensor:
         """decode_step: the rows come from a decode or verification step (AttentionMetadata.decode_step)."""
-        if self.q is not None and x.shape[0] <= self.int8_max_rows:
+        if self.kernel(x.shape[0], decode_step) == INT8_KERNEL:
             return self.int8(x)
         return self.dense_mm(x, decode_step)
+
+    def kernel(self, rows: int, decode_step: bool = False) -> str:
+        """Which kernel a step of `rows` rows takes: int8 up to int8_max_rows, else the dense copy's."""
+        if self.q is not None and rows <= self.int8_max_rows:
+            return INT8_KERNEL
+        return self._dense_kernel(rows, decode_step)
+
+    def _dense_kernel(self, rows: int, decode_step: bool) -> str:
+        """The batch-invariant native kernel for every decode or verification step where it exists
+        (whatever their number) and for other steps up to native_dense_max_rows rows; else PyTorch's."""
+        if self.native_dense_max_rows > 0 and (decode_step or rows <= self.native_dense_max_rows):
+            return NATIVE_DENSE_KERNEL
+        return TORCH_DENSE_KERNEL
 
     def int8(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
@@ -226,10 +246,8 @@ class Projection:
                 self.native_dense_max_rows = GEMV_DENSE_NATIVE_MAX_ROWS
 
     def dense_mm(self, x: torch.Tensor, decode_step: bool = False) -> torch.Tensor:
-        """The dense product: a decode or verification step's rows always on the batch-invariant
-        native kernel where it exists (whatever their number), other steps up to
-        native_dense_max_rows rows."""
-        if self.native_dense_max_rows > 0 and (decode_step or x.shape[0] <= self.native_dense_max_rows):
+        """The dense product, on the kernel _dense_kernel picks."""
+        if self._dense_kernel(x.shape[0], decode_step) == NATIVE_DENSE_KERNEL:
             if self.dense_packed is not None:
                 return self.native.dense_linear(x, self.dense_packed, True)
             return self.native.dense_linear(x, self.dense, False)
@@ -406,10 +424,11 @@ class LlamaModel:
         calibrated = min(lw.qkv.int8_max_rows, lw.o.int8_max_rows, lw.gate_up.int8_max_rows, lw.down.int8_max_rows)
         return max(calibrated, NATIVE_ATTENTION_MAX_Q)
 
-    def _native_attention_fits(self, meta: AttentionMetadata, cache: KVCache) -> bool:
+    def _native_attention_fits(self, max_q_len: int, cache: KVCache) -> bool:
+        """Whether the native attention takes a step whose longest sequence brings max_q_len tokens."""
         c = self.config
         return (self._native_rows(cache) and c.num_heads // c.num_kv_heads <= self.native.MAX_GROUP
-                and (meta.max_q_len <= NATIVE_ATTENTION_MAX_Q
+                and (max_q_len <= NATIVE_ATTENTION_MAX_Q
                      or (cache.k.dtype == torch.bfloat16 and self.amx_attention)))
 
     def _calibrate_hybrid(self) -> None:
@@ -443,7 +462,7 @@ class LlamaModel:
             qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, nh + nkv, hd), cos, sin)
             q, k = qk[:, :nh], qk[:, nh:]
             cache.write(layer, meta.slot_mapping, k, qkv[:, self.q_size + self.kv_size:].view(t, nkv, hd))
-        if self._native_attention_fits(meta, cache):
+        if self._native_attention_fits(meta.max_q_len, cache):
             # One call for every sequence, reading K/V in place (no gather, no per-sequence SDPA).
             info, slots = meta.kernel_args
             out = self.native.paged_attention(q, *cache.layer_slots(layer), info, slots, hd ** -0.5)
@@ -503,16 +522,44 @@ class LlamaModel:
                 hidden += delta
         return hidden
 
-    def _fused_step(self, rows: int, meta: AttentionMetadata, cache: KVCache) -> bool:
+    def _fused_step(self, rows: int, max_q_len: int, decode_step: bool, cache: KVCache) -> bool:
         """Whether a step runs the fused int8 layers (and the int8 LM head): up to fused_max_rows
         rows, and every decode or verification step whatever its rows (meta.decode_step), so that a
         decoding sequence's rows keep their kernels as the batch around it grows: greedy speculation
-        equals plain decoding at batch 16 too. (A step that mixes decode rows with a prompt chunk
-        past fused_max_rows still goes by rows.) On a 2-core AVX512-BF16 EPYC the fused int8 step
+        equals plain decoding at batch 16 too. (A step that mixes decode rows with a long prompt chunk
+        is run as two: see decode_rows_need_own_pass.) On a 2-core AVX512-BF16 EPYC the fused int8 step
         costs what the op-by-op step (dense bf16 past 16 rows) does up to ~120 rows, and 1.08-1.14x
         its time at 16 sequences x 9-17 rows."""
-        return (self.fused is not None and (rows <= self.fused_max_rows or meta.decode_step)
-                and self._native_attention_fits(meta, cache))
+        return (self.fused is not None and (rows <= self.fused_max_rows or decode_step)
+                and self._native_attention_fits(max_q_len, cache))
+
+    def _step_kernels(self, rows: int, max_q_len: int, decode_step: bool, logit_rows: int, cache: KVCache) -> tuple:
+        """What decides a step's numerics row for row: the fused int8 layers, or the attention
+        kernel, each projection's kernel and the LM head's."""
+        if self._fused_step(rows, max_q_len, decode_step, cache):
+            return (FUSED_STEP,)
+        lw = self.layers[0]
+        return (self._native_attention_fits(max_q_len, cache),
+                *(proj.kernel(rows, decode_step) for proj in (lw.qkv, lw.o, lw.gate_up, lw.down)),
+                self.lm_head.kernel(logit_rows, decode_step))
+
+    def decode_rows_need_own_pass(self, meta: AttentionMetadata, logit_rows: int, decode_logit_rows: int,
+                                  cache: KVCache) -> bool:
+        """Whether a step that mixes decoding sequences (SeqAttention.decodes) with prompt chunks
+        would run the decoding rows on other kernels than a step of those sequences alone (a long
+        chunk takes the dense weights, or PyTorch's attention). The runner then runs the two groups
+        as two passes, so a sequence's tokens do not depend on which prompts arrive beside it:
+        greedy output is the same whatever the traffic, and speculation stays equal to plain
+        decoding. Only where the native kernels make rows batch-invariant (CPU)."""
+        if self.native is None or meta.decode_step:
+            return False
+        decoding = [sa for sa in meta.seqs if sa.decodes]
+        if not decoding:
+            return False
+        whole = self._step_kernels(meta.slot_mapping.numel(), meta.max_q_len, False, logit_rows, cache)
+        alone = self._step_kernels(sum(sa.q_len for sa in decoding), max(sa.q_len for sa in decoding), True,
+                                   decode_logit_rows, cache)
+        return whole != alone
 
     def _native_rows(self, cache: KVCache) -> bool:
         """Whether the native kernels read and write this cache (RoPE + K/V write, attention)."""
@@ -548,7 +595,7 @@ class LlamaModel:
                 cache: KVCache, logits_indices: torch.Tensor | None = None,
                 num_layers: int | None = None) -> torch.Tensor:
         """Logits [M, V] for the flat tokens at ``logits_indices`` (all tokens when None)."""
-        fused_step = self._fused_step(input_ids.shape[0], meta, cache)
+        fused_step = self._fused_step(input_ids.shape[0], meta.max_q_len, meta.decode_step, cache)
         hidden = self.hidden_states(input_ids, positions, meta, cache, num_layers, fused_step)
         if logits_indices is not None:
             if logits_indices.numel() == 0:  # prefill chunks that end no prompt: no LM head at all
