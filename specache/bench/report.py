@@ -50,7 +50,8 @@ def _cpu_model() -> str:
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        cells = [f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+        cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else "" if r.get(c) is None else str(r[c])
+                 for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

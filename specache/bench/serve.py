@@ -135,17 +135,20 @@ def _start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
 
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    try:  # stopped however the wait ends (no start, or the bench itself terminated meanwhile)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise RuntimeError("server did not start")
+    except BaseException:
+        _stop(proc)
+        raise
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -227,6 +230,12 @@ def hf_server(model_dir: str, port: int, dtype: str) -> None:
 # ---------------------------------------------------------------------- the suite
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """A terminated bench exits through its `finally` blocks, which stop the servers it started
+    (the default handler left the transformers server running)."""
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> dict:
     from specache.bench.report import environment, markdown_table, write_report
     from specache.models.loader import resolve_model_path
@@ -236,6 +245,8 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     for backend in args.backends.split(","):
         port = _free_port()
         cmd = _server_cmd(backend, model_dir, args.dtype, port, args.weight_format)

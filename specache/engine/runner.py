@@ -93,4 +93,3 @@ class ModelRunner:
             for i, logits in zip(index, self.run([items[i] for i in index], num_layers), strict=True):
                 out[i] = logits
         return out
-
