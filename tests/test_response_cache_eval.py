@@ -36,6 +36,24 @@ def test_eval_file_shape() -> None:
     assert len({(r["cached"], r["query"]) for r in rows}) == len(rows)
 
 
+def test_native_linear_layers_give_pytorchs_vectors(minilm) -> None:
+    """Where the native kernels are built, the embedder's linear layers run on dense_linear; its
+    vectors are PyTorch's within fp32 rounding, for one text and for a padded batch."""
+    import numpy as np
+
+    from specache.response_cache.embed import MiniLMEmbedder, _NativeLinear
+
+    native = [m for m in minilm._model.modules() if isinstance(m.__dict__.get("forward"), _NativeLinear)]
+    if not native:
+        pytest.skip("no native dense_linear on this CPU: the embedder keeps PyTorch's layers")
+    assert len(native) == 37  # q, k, v, attention output, intermediate, output of 6 layers, and the pooler
+    reference = MiniLMEmbedder(native_linears=False)
+    texts = ["How do I reset my password?",
+             "Moving money to my current account from my savings account, today if possible"]
+    for batch in (texts[:1], texts):
+        assert np.abs(minilm.embed(batch) - reference.embed(batch)).max() < 1e-5
+
+
 def test_semantic_hit_and_guarded_trap(minilm) -> None:
     with ResponseCache(CacheConfig(), embedder=minilm) as cache:
         cache.store(
