@@ -158,9 +158,10 @@ def _write_docs(docs: Path, table: str, out: Path) -> None:
             "time, so its concurrent rows are sequential (the llama.cpp server with parallel slots would "
             "batch). On CPUs with AMX it is loaded without ggml's extra buffer types: their AMX kernels "
             "die with SIGILL on this project's VMs. `specache int8+bf16` is `weight_format=\"hybrid\"`: "
-            "int8 weights through specache's native kernels (int8 x int8 AMX tiles, each activation row "
-            "split into two int8 limbs; a whole decode step in one native call) up to a row count "
-            "calibrated at load (32-64 on this VM), the dense bf16 weights for longer prefill chunks.\n\n"
+            "int8 weights through specache's native kernels (each activation row split into two int8 "
+            "limbs, multiplied on AMX tiles or by AVX512-VNNI; a whole decode step in one native call) "
+            "for decode steps and prefill chunks up to a row count calibrated at load, the dense bf16 "
+            "weights for longer prefill chunks.\n\n"
             f"Raw JSON: `{out}/peers.json`.\n")
     if (docs / "spec-speedup.png").exists():  # written by `specache bench spec`
         text += ("\n## Speculative decoding per method and task\n\n`specache bench spec`; table in the README.\n\n"
