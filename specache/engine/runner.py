@@ -49,7 +49,8 @@ def build_metadata(items: list[BatchItem], block_size: int, device: torch.device
         mask = None
         if it.start > 0 and n > 1:  # a chunk after cached tokens: causal with an offset
             mask = (torch.arange(end)[None, :] <= torch.arange(it.start, end)[:, None]).to(device)
-        seqs.append(SeqAttention(offset, n, slots if isinstance(slots, slice) else slots.to(device), mask))
+        seqs.append(SeqAttention(offset, n, slots if isinstance(slots, slice) else slots.to(device), mask,
+                                 it.num_logits))
         positions.append(torch.arange(it.start, end))
         new_slots.append(_new_slots(slots, it.start))
         logits_idx.extend(range(offset + n - it.num_logits, offset + n))
@@ -70,10 +71,8 @@ class ModelRunner:
     def run(self, items: list[BatchItem], num_layers: int | None = None) -> list[torch.Tensor | None]:
         """Computes every item's tokens (writing their K/V) and returns each item's logits [num_logits, V]."""
         input_ids, positions, meta, logits_idx = build_metadata(items, self.cache.block_size, self.device)
-        decoding = [sa.decodes for sa in meta.seqs]
-        decode_logits = sum(it.num_logits for it, d in zip(items, decoding, strict=True) if d)
-        if self.model.decode_rows_need_own_pass(meta, len(logits_idx), decode_logits, self.cache):
-            return self._run_apart(items, decoding, num_layers)
+        if self.model.decode_rows_need_own_pass(meta, self.cache):
+            return self._run_apart(items, meta, num_layers)
         logits = self.model.forward(input_ids, positions, meta, self.cache, logits_idx, num_layers)
         out: list[torch.Tensor | None] = []
         offset = 0
@@ -82,14 +81,14 @@ class ModelRunner:
             offset += it.num_logits
         return out
 
-    def _run_apart(self, items: list[BatchItem], decoding: list[bool],
+    def _run_apart(self, items: list[BatchItem], meta: AttentionMetadata,
                    num_layers: int | None) -> list[torch.Tensor | None]:
         """The decoding items in one pass and the prompt chunks in another (each sequence attends
         only to its own slots, so the two passes compute what one would); logits in items' order.
         The extra pass costs about one decode step, on a step that prefills a long chunk."""
         out: list[torch.Tensor | None] = [None] * len(items)
         for group in (True, False):
-            index = [i for i, d in enumerate(decoding) if d == group]
+            index = [i for i, sa in enumerate(meta.seqs) if sa.decodes == group]
             for i, logits in zip(index, self.run([items[i] for i in index], num_layers), strict=True):
                 out[i] = logits
         return out

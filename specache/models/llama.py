@@ -36,6 +36,7 @@ class SeqAttention:
     q_len: int
     slots: torch.Tensor | slice  # flat cache slots of positions 0 .. kv_len - 1 (slice: contiguous)
     mask: torch.Tensor | None  # [q_len, kv_len] when a chunk continues a cached prefix, else None
+    num_logits: int = 0  # logits wanted for its last num_logits tokens
 
     @property
     def decodes(self) -> bool:
@@ -543,8 +544,7 @@ class LlamaModel:
                 *(proj.kernel(rows, decode_step) for proj in (lw.qkv, lw.o, lw.gate_up, lw.down)),
                 self.lm_head.kernel(logit_rows, decode_step))
 
-    def decode_rows_need_own_pass(self, meta: AttentionMetadata, logit_rows: int, decode_logit_rows: int,
-                                  cache: KVCache) -> bool:
+    def decode_rows_need_own_pass(self, meta: AttentionMetadata, cache: KVCache) -> bool:
         """Whether a step that mixes decoding sequences (SeqAttention.decodes) with prompt chunks
         would run the decoding rows on other kernels than a step of those sequences alone (a long
         chunk takes the dense weights, or PyTorch's attention). The runner then runs the two groups
@@ -556,9 +556,10 @@ class LlamaModel:
         decoding = [sa for sa in meta.seqs if sa.decodes]
         if not decoding:
             return False
-        whole = self._step_kernels(meta.slot_mapping.numel(), meta.max_q_len, False, logit_rows, cache)
+        whole = self._step_kernels(meta.slot_mapping.numel(), meta.max_q_len, False,
+                                   sum(sa.num_logits for sa in meta.seqs), cache)
         alone = self._step_kernels(sum(sa.q_len for sa in decoding), max(sa.q_len for sa in decoding), True,
-                                   decode_logit_rows, cache)
+                                   sum(sa.num_logits for sa in decoding), cache)
         return whole != alone
 
     def _native_rows(self, cache: KVCache) -> bool:

@@ -77,27 +77,24 @@ class _NativeLinear:
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _use_native_linears(model) -> int:
+def _use_native_linears(model) -> None:
     """Route the model's fp32 nn.Linear layers through the native dense_linear where the kernels are
     built with it (AVX-512 CPUs): a query's embedding, 18 tokens on a 2-core EPYC, took 10.0 ms
     through PyTorch's GEMMs and 6.1 ms so (same vectors within 1.4e-7), and the embedding is most of a
     semantic lookup. The packed copies sit beside the module's own weights (~43 MB more, which
-    keeps the module intact for anything that reads its weights). Returns how many layers moved."""
+    keeps the module intact for anything that reads its weights)."""
     import torch
 
     from specache import kernels
 
     native = kernels.load()
     if native is None:
-        return 0
-    moved = 0
+        return
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
             fast = _NativeLinear(native, module)
             if fast.packed.numel():  # empty: this build has no packed fp32 path
                 module.forward = fast
-                moved += 1
-    return moved
 
 
 class HashEmbedder:
